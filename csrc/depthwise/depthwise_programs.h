@@ -1,0 +1,297 @@
+// Single-source thread programs of the depthwise convolution (SPEC §4).
+//
+// Each program computes the outputs of one GPU thread from a plain argument struct and a
+// linear thread index: `run(args, idx)` decodes the index into coordinates and computes a tile
+// of VEC channels x STRIP positions along W. The CUDA kernels are thin __global__ loops over
+// `run`; the CPU backend calls the very same `run` for every index, so every test run on the
+// host executes the GPU kernels' index arithmetic, boundary handling, vector widths and
+// accumulation order.
+//
+// Layouts: NCHW and channels_last (NHWC), chosen at compile time so channel strides are
+// constants. Weights are passed tap-major, [kH*kW][C], so a vector of channels reads one
+// contiguous run of weights. Accumulation is in `Acc` (float for half/bfloat16/float, double
+// for double). All offsets are 64-bit.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DEPSEP_HD __host__ __device__ __forceinline__
+#else
+#define DEPSEP_HD inline
+#endif
+
+namespace depsep {
+
+// Shapes of one depthwise convolution. padT/padL are the leading paddings; the trailing ones
+// are implied by OH/OW, which lets asymmetric ("same" with even kernels) padding through.
+struct DwGeometry {
+  int64_t N, C, H, W, OH, OW;
+  int32_t kH, kW, sH, sW, padT, padL, dH, dW;
+};
+
+template <bool ChannelsLast>
+DEPSEP_HD int64_t dw_offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t H,
+                            int64_t W) {
+  return ChannelsLast ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+DEPSEP_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One tile of output (or input-gradient) elements: VEC channels from c0, one row, STRIP
+// columns from col0. In channels_last the channel vector is the fastest-moving index so that
+// neighbouring threads touch neighbouring bytes; in NCHW the column strip is.
+struct DwTile {
+  int64_t n, c0, row, col0;
+};
+
+template <bool ChannelsLast, int VEC, int STRIP>
+DEPSEP_HD int64_t dw_tile_count(int64_t N, int64_t C, int64_t rows, int64_t cols) {
+  return N * (C / VEC) * rows * ceil_div(cols, STRIP);
+}
+
+template <bool ChannelsLast, int VEC, int STRIP>
+DEPSEP_HD DwTile dw_tile_decode(int64_t idx, int64_t C, int64_t rows, int64_t cols) {
+  const int64_t cvecs = C / VEC;
+  const int64_t strips = ceil_div(cols, STRIP);
+  DwTile t;
+  if (ChannelsLast) {
+    t.c0 = (idx % cvecs) * VEC;
+    idx /= cvecs;
+    t.col0 = (idx % strips) * STRIP;
+    idx /= strips;
+    t.row = idx % rows;
+    t.n = idx / rows;
+  } else {
+    t.col0 = (idx % strips) * STRIP;
+    idx /= strips;
+    t.row = idx % rows;
+    idx /= rows;
+    t.c0 = (idx % cvecs) * VEC;
+    t.n = idx / cvecs;
+  }
+  return t;
+}
+
+template <typename T>
+struct DwForwardArgs {
+  const T* input;   // [N, C, H, W] in the program's layout
+  const T* weight;  // [kH*kW][C], tap-major
+  const T* bias;    // [C] or nullptr
+  T* output;        // [N, C, OH, OW] in the program's layout
+  DwGeometry g;
+};
+
+// Forward: out[n,c,oh,ow] = bias[c] + sum_{kh,kw} in[n,c,oh*sH-padT+kh*dH, ow*sW-padL+kw*dW] * w.
+// KH/KW > 0 fix the kernel size at compile time (the 3x3 fast path); 0 means read it from g.
+template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+struct DwForwardProgram {
+  using Args = DwForwardArgs<T>;
+  static constexpr int kVec = VEC;
+
+  static int64_t num_threads(const DwGeometry& g) {
+    return dw_tile_count<ChannelsLast, VEC, STRIP>(g.N, g.C, g.OH, g.OW);
+  }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const DwGeometry& g = a.g;
+    const DwTile t = dw_tile_decode<ChannelsLast, VEC, STRIP>(idx, g.C, g.OH, g.OW);
+    const int kh_n = KH > 0 ? KH : g.kH;
+    const int kw_n = KW > 0 ? KW : g.kW;
+    const int64_t strip_n = g.OW - t.col0 < STRIP ? g.OW - t.col0 : STRIP;
+
+    Acc acc[STRIP][VEC];
+    for (int v = 0; v < VEC; ++v) {
+      const Acc b = a.bias != nullptr ? static_cast<Acc>(a.bias[t.c0 + v]) : Acc(0);
+      for (int j = 0; j < STRIP; ++j) acc[j][v] = b;
+    }
+    for (int kh = 0; kh < kh_n; ++kh) {
+      const int64_t ih = t.row * g.sH - g.padT + static_cast<int64_t>(kh) * g.dH;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int kw = 0; kw < kw_n; ++kw) {
+        Acc wv[VEC];
+        const T* wp = a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0;
+        for (int v = 0; v < VEC; ++v) wv[v] = static_cast<Acc>(wp[v]);
+        for (int j = 0; j < STRIP; ++j) {
+          const int64_t iw = (t.col0 + j) * g.sW - g.padL + static_cast<int64_t>(kw) * g.dW;
+          if (j >= strip_n || iw < 0 || iw >= g.W) continue;
+          for (int v = 0; v < VEC; ++v) {
+            const T x = a.input[dw_offset<ChannelsLast>(t.n, t.c0 + v, ih, iw, g.C, g.H, g.W)];
+            acc[j][v] += static_cast<Acc>(x) * wv[v];
+          }
+        }
+      }
+    }
+    for (int j = 0; j < strip_n; ++j)
+      for (int v = 0; v < VEC; ++v)
+        a.output[dw_offset<ChannelsLast>(t.n, t.c0 + v, t.row, t.col0 + j, g.C, g.OH, g.OW)] =
+            static_cast<T>(acc[j][v]);
+  }
+};
+
+template <typename T>
+struct DwInputGradArgs {
+  const T* grad_output;  // [N, C, OH, OW]
+  const T* weight;       // [kH*kW][C], tap-major
+  T* grad_input;         // [N, C, H, W]
+  DwGeometry g;
+};
+
+// Input gradient as a gather (no atomics): each input position sums the outputs whose window
+// covers it, grad_in[n,c,ih,iw] = sum over taps with (ih+padT-kh*dH) = oh*sH, likewise for w.
+template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+struct DwInputGradProgram {
+  using Args = DwInputGradArgs<T>;
+  static constexpr int kVec = VEC;
+
+  static int64_t num_threads(const DwGeometry& g) {
+    return dw_tile_count<ChannelsLast, VEC, STRIP>(g.N, g.C, g.H, g.W);
+  }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const DwGeometry& g = a.g;
+    const DwTile t = dw_tile_decode<ChannelsLast, VEC, STRIP>(idx, g.C, g.H, g.W);
+    const int kh_n = KH > 0 ? KH : g.kH;
+    const int kw_n = KW > 0 ? KW : g.kW;
+    const int64_t strip_n = g.W - t.col0 < STRIP ? g.W - t.col0 : STRIP;
+
+    Acc acc[STRIP][VEC];
+    for (int j = 0; j < STRIP; ++j)
+      for (int v = 0; v < VEC; ++v) acc[j][v] = Acc(0);
+    for (int kh = 0; kh < kh_n; ++kh) {
+      const int64_t th = t.row + g.padT - static_cast<int64_t>(kh) * g.dH;
+      if (th < 0 || th % g.sH != 0 || th / g.sH >= g.OH) continue;
+      const int64_t oh = th / g.sH;
+      for (int kw = 0; kw < kw_n; ++kw) {
+        Acc wv[VEC];
+        const T* wp = a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0;
+        for (int v = 0; v < VEC; ++v) wv[v] = static_cast<Acc>(wp[v]);
+        for (int j = 0; j < STRIP; ++j) {
+          const int64_t tw = t.col0 + j + g.padL - static_cast<int64_t>(kw) * g.dW;
+          if (j >= strip_n || tw < 0 || tw % g.sW != 0 || tw / g.sW >= g.OW) continue;
+          const int64_t ow = tw / g.sW;
+          for (int v = 0; v < VEC; ++v) {
+            const T go =
+                a.grad_output[dw_offset<ChannelsLast>(t.n, t.c0 + v, oh, ow, g.C, g.OH, g.OW)];
+            acc[j][v] += static_cast<Acc>(go) * wv[v];
+          }
+        }
+      }
+    }
+    for (int j = 0; j < strip_n; ++j)
+      for (int v = 0; v < VEC; ++v)
+        a.grad_input[dw_offset<ChannelsLast>(t.n, t.c0 + v, t.row, t.col0 + j, g.C, g.H, g.W)] =
+            static_cast<T>(acc[j][v]);
+  }
+};
+
+// The weight gradient reduces over N*OH*OW positions. For determinism it runs in two passes
+// with no atomics: pass 1 writes one partial sum per (chunk of output rows, tap, channel),
+// pass 2 adds the chunks in a fixed order. The chunking depends on the shape only.
+struct DwWeightGradPlan {
+  int64_t rows_per_chunk;  // output rows (n*OH + oh) reduced by one pass-1 thread
+  int64_t chunks;
+};
+
+// About 4096 output positions per pass-1 thread: long enough to amortise the partial write,
+// short enough to leave (chunks x taps x channel vectors) threads for a GPU.
+DEPSEP_HD DwWeightGradPlan dw_weight_grad_plan(const DwGeometry& g) {
+  const int64_t rows = g.N * g.OH;
+  const int64_t per_chunk_target = 4096;
+  int64_t rows_per_chunk = g.OW > 0 ? ceil_div(per_chunk_target, g.OW) : 1;
+  if (rows_per_chunk > rows) rows_per_chunk = rows > 0 ? rows : 1;
+  return {rows_per_chunk, ceil_div(rows, rows_per_chunk)};
+}
+
+template <typename T, typename Acc>
+struct DwWeightGradArgs {
+  const T* grad_output;  // [N, C, OH, OW]
+  const T* input;        // [N, C, H, W]
+  Acc* partial;          // [chunks][kH*kW + 1][C]; tap kH*kW holds the bias gradient
+  DwGeometry g;
+  DwWeightGradPlan plan;
+  bool with_bias;
+};
+
+// Pass 1: one thread = VEC channels x one tap (or the bias) x one chunk of output rows.
+template <typename T, typename Acc, bool ChannelsLast, int VEC>
+struct DwWeightGradPartialProgram {
+  using Args = DwWeightGradArgs<T, Acc>;
+  static constexpr int kVec = VEC;
+
+  static int64_t num_threads(const DwGeometry& g, const DwWeightGradPlan& plan) {
+    return plan.chunks * (static_cast<int64_t>(g.kH) * g.kW + 1) * (g.C / VEC);
+  }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const DwGeometry& g = a.g;
+    const int64_t taps = static_cast<int64_t>(g.kH) * g.kW;
+    const int64_t cvecs = g.C / VEC;
+    const int64_t c0 = (idx % cvecs) * VEC;
+    idx /= cvecs;
+    const int64_t tap = idx % (taps + 1);
+    const int64_t chunk = idx / (taps + 1);
+    const int64_t row_begin = chunk * a.plan.rows_per_chunk;
+    const int64_t row_total = g.N * g.OH;
+    const int64_t row_end =
+        row_begin + a.plan.rows_per_chunk < row_total ? row_begin + a.plan.rows_per_chunk
+                                                      : row_total;
+
+    Acc acc[VEC];
+    for (int v = 0; v < VEC; ++v) acc[v] = Acc(0);
+    const bool is_bias = tap == taps;
+    if (!is_bias || a.with_bias) {
+      const int64_t kh = is_bias ? 0 : tap / g.kW;
+      const int64_t kw = is_bias ? 0 : tap % g.kW;
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        const int64_t n = r / g.OH;
+        const int64_t oh = r % g.OH;
+        const int64_t ih = oh * g.sH - g.padT + kh * g.dH;
+        if (!is_bias && (ih < 0 || ih >= g.H)) continue;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t iw = ow * g.sW - g.padL + kw * g.dW;
+          if (!is_bias && (iw < 0 || iw >= g.W)) continue;
+          for (int v = 0; v < VEC; ++v) {
+            const Acc go = static_cast<Acc>(
+                a.grad_output[dw_offset<ChannelsLast>(n, c0 + v, oh, ow, g.C, g.OH, g.OW)]);
+            acc[v] += is_bias ? go
+                              : go * static_cast<Acc>(a.input[dw_offset<ChannelsLast>(
+                                         n, c0 + v, ih, iw, g.C, g.H, g.W)]);
+          }
+        }
+      }
+    }
+    Acc* out = a.partial + (chunk * (taps + 1) + tap) * g.C + c0;
+    for (int v = 0; v < VEC; ++v) out[v] = acc[v];
+  }
+};
+
+template <typename T, typename Acc>
+struct DwWeightGradReduceArgs {
+  const Acc* partial;  // [chunks][kH*kW + 1][C]
+  T* grad_weight;      // [C][kH*kW]
+  T* grad_bias;        // [C] or nullptr
+  int64_t chunks, taps, C;
+};
+
+// Pass 2: one thread = one (tap, channel); sums the chunks in index order.
+template <typename T, typename Acc>
+struct DwWeightGradReduceProgram {
+  using Args = DwWeightGradReduceArgs<T, Acc>;
+
+  static int64_t num_threads(int64_t taps, int64_t C) { return (taps + 1) * C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const int64_t tap = idx / a.C;
+    const int64_t c = idx % a.C;
+    if (tap == a.taps && a.grad_bias == nullptr) return;
+    Acc sum = Acc(0);
+    for (int64_t k = 0; k < a.chunks; ++k) sum += a.partial[(k * (a.taps + 1) + tap) * a.C + c];
+    if (tap == a.taps)
+      a.grad_bias[c] = static_cast<T>(sum);
+    else
+      a.grad_weight[c * a.taps + tap] = static_cast<T>(sum);
+  }
+};
+
+}  // namespace depsep

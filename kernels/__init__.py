@@ -1,0 +1,13 @@
+"""depsep-kernels: fast depthwise-separable convolution ops for PyTorch.
+
+Backends: "torch" (the reference), "native" (kernels._C: C++ on CPU, CUDA C++ on GPU) and
+"triton". Importing never fails for want of the compiled extension or of Triton: the missing
+backend is reported by `available_backends` and by a warning.
+"""
+
+from . import _ops  # noqa: F401  (defines the op schemas, fakes and autograd)
+from . import _extension  # noqa: F401  (loads kernels._C: the native kernels of those ops)
+from ._backend import BACKENDS, available_backends
+from .functional import depthwise_conv2d
+
+__all__ = ["BACKENDS", "available_backends", "depthwise_conv2d"]

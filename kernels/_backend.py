@@ -1,0 +1,75 @@
+"""Backend choice: the one function that decides which implementation runs an op."""
+
+import os
+
+import torch
+
+from . import _extension, _ops
+
+BACKENDS = ("torch", "native", "triton")
+# Auto picks the first available of these for the tensors' device.
+_AUTO_ORDER = ("native", "triton", "torch")
+ENV_VAR = "DEPSEP_BACKEND"
+
+
+def _native_unavailable(device: torch.device) -> str | None:
+    if _extension.LOAD_ERROR is not None:
+        return _extension.LOAD_ERROR
+    if device.type not in ("cpu", "cuda"):
+        return f"no native kernels for {device.type} tensors (cpu and cuda only)"
+    if device.type == "cuda" and not _ops.has_native_kernel("depthwise_conv2d_fwd", "CUDA"):
+        return (
+            "kernels._C was built without CUDA kernels (torch without CUDA, no nvcc, or "
+            "DEPSEP_SKIP_CUDA_BUILD=1 at build time)"
+        )
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if _ops.TRITON_IMPORT_ERROR is not None:
+        return _ops.TRITON_IMPORT_ERROR
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            "Triton needs CUDA tensors; CPU tensors run only under the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported; for tests)"
+        )
+    return f"no Triton kernels for {device.type} tensors"
+
+
+def available_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:
+    """Each backend's name mapped to None when it can run on `device`, else to the reason why
+    not (a missing or CPU-only build, Triton not installed, CPU tensors for Triton, ...)."""
+    device = torch.device(device)
+    return {
+        "torch": None,
+        "native": _native_unavailable(device),
+        "triton": _triton_unavailable(device),
+    }
+
+
+def _check_name(name, source: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
+
+
+def select_backend(backend: str | None, device: torch.device) -> str:
+    """The backend to run on `device`: `backend` if given (an error naming what is missing when
+    it cannot run there), else $DEPSEP_BACKEND if set, else the first available of native,
+    triton, torch."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        if backend is not None:
+            _check_name(backend, f"${ENV_VAR}")
+    else:
+        _check_name(backend, "backend")
+    if backend is None:
+        reasons = available_backends(device)
+        return next(name for name in _AUTO_ORDER if reasons[name] is None)
+    reason = available_backends(device)[backend]
+    if reason is not None:
+        raise RuntimeError(f"depsep: backend {backend!r} cannot run on {device}: {reason}")
+    return backend

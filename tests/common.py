@@ -1,0 +1,123 @@
+"""Sample generators and tolerances shared by the test modules."""
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kernels
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Per-dtype tolerances for comparing a backend with the "torch" reference in the same dtype.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
+}
+
+
+def usable_backends(device: str) -> list[str]:
+    """The non-reference backends that can run on `device` in this test run."""
+    return [
+        name
+        for name, why in kernels.available_backends(device).items()
+        if why is None and name != "torch"
+    ]
+
+
+def backend_params(device: str):
+    """pytest params of every fast backend, skipped (with the reason) where it cannot run."""
+    reasons = kernels.available_backends(device) if device != "cuda" or HAS_CUDA else {}
+    params = []
+    for name in ("native", "triton"):
+        why = reasons.get(name, "needs a CUDA device")
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@dataclass(frozen=True)
+class DepthwiseCase:
+    """One depthwise convolution: shapes, geometry and how the input is laid out in memory."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    kernel: tuple[int, int]
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    bias: bool = True
+    layout: str = "nchw"  # nchw | channels_last | sliced (a non-contiguous view)
+
+    def __str__(self):
+        k = "x".join(map(str, self.kernel))
+        return (
+            f"{self.n}x{self.c}x{self.h}x{self.w}-k{k}-s{self.stride}-p{self.padding}"
+            f"-d{self.dilation}-{'b' if self.bias else 'nb'}-{self.layout}"
+        )
+
+    def make(self, device="cpu", dtype=torch.float32, requires_grad=False, seed=0):
+        """(input, weight, bias) drawn from a fixed seed, laid out as `layout` says."""
+        gen = torch.Generator().manual_seed(seed)
+        shape = (self.n, self.c, self.h, self.w)
+        if self.layout == "sliced":
+            # Every other channel and a column offset of a wider tensor: no layout is contiguous.
+            wide = torch.randn(self.n, 2 * self.c, self.h, self.w + 3, generator=gen)
+            x = wide[:, ::2, :, 2:-1]
+        else:
+            x = torch.randn(shape, generator=gen)
+        weight = torch.randn(self.c, 1, *self.kernel, generator=gen)
+        bias = torch.randn(self.c, generator=gen) if self.bias else None
+        x = x.to(device=device, dtype=dtype)
+        if self.layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        tensors = [x, weight.to(device, dtype), None if bias is None else bias.to(device, dtype)]
+        if requires_grad:
+            tensors = [t if t is None else t.detach().requires_grad_() for t in tensors]
+        return tuple(tensors)
+
+    def conv_args(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+def depthwise_cases() -> list[DepthwiseCase]:
+    """The correctness grid: odd sizes, kernels 1/3/5/7 and non-square, strides 1/2, asymmetric
+    and "same"/"valid" padding, dilation, bias or not, batch 1, all three layouts, and channel
+    counts with and without a full 16-byte vector."""
+    cases = []
+    for kernel, stride, layout in itertools.product(
+        [(3, 3), (1, 1), (5, 5), (7, 7), (3, 2)], [1, 2], ["nchw", "channels_last", "sliced"]
+    ):
+        pad = (kernel[0] // 2, kernel[1] // 2 + 1)  # asymmetric in H and W
+        cases.append(DepthwiseCase(2, 8, 11, 9, kernel, stride, pad, 1, True, layout))
+    cases += [
+        DepthwiseCase(1, 5, 7, 6, (3, 3), 1, 1, 1, False, "channels_last"),
+        DepthwiseCase(1, 3, 10, 13, (3, 3), 2, 0, 2, True, "nchw"),
+        DepthwiseCase(2, 12, 9, 9, (3, 3), (2, 1), (2, 0), (1, 2), False, "channels_last"),
+        DepthwiseCase(2, 16, 8, 8, (3, 3), 1, "same", 1, True, "channels_last"),
+        DepthwiseCase(2, 4, 8, 7, (4, 2), 1, "same", (2, 1), True, "nchw"),
+        DepthwiseCase(2, 4, 6, 6, (3, 3), 1, "valid", 1, True, "sliced"),
+        DepthwiseCase(1, 8, 1, 1, (3, 3), 1, 1, 1, True, "channels_last"),
+        DepthwiseCase(2, 6, 5, 5, (3, 3), 3, 4, 1, True, "nchw"),  # padding wider than the kernel
+    ]
+    return cases
+
+
+def interpreter_cases() -> list[DepthwiseCase]:
+    """A few cases for the Triton interpreter, which costs ~25 ms per program instance."""
+    return [
+        DepthwiseCase(1, 8, 6, 5, (3, 3), 1, (1, 2), 1, True, "channels_last"),
+        DepthwiseCase(2, 3, 5, 6, (3, 2), 2, 1, (1, 2), False, "nchw"),
+        DepthwiseCase(1, 4, 5, 5, (5, 5), 1, "same", 1, True, "sliced"),
+    ]
+
+
+def skip_unless_cuda_build():
+    """CI compiles the CUDA sources whenever torch is a CUDA build and nvcc is there."""
+    return torch.version.cuda is None or os.environ.get("DEPSEP_SKIP_CUDA_BUILD") == "1"

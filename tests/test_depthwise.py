@@ -1,0 +1,227 @@
+"""kernels.depthwise_conv2d against F.conv2d(groups=C): values, gradients, layouts, compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference
+
+from .common import (
+    HAS_CUDA,
+    TOLERANCES,
+    DepthwiseCase,
+    backend_params,
+    depthwise_cases,
+    interpreter_cases,
+)
+
+
+def run_with_grads(case: DepthwiseCase, backend, device="cpu", dtype=torch.float32):
+    """Output and (input, weight, bias) gradients for one case, under a fixed upstream gradient."""
+    x, w, b = case.make(device, dtype, requires_grad=True)
+    if backend == "torch":
+        out = reference.depthwise_conv2d(x, w, b, **case.conv_args())
+    else:
+        out = kernels.depthwise_conv2d(x, w, b, **case.conv_args(), backend=backend)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    inputs = [t for t in (x, w, b) if t is not None]
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def assert_matches_reference(case, backend, device="cpu", dtype=torch.float32):
+    out, grads = run_with_grads(case, backend, device, dtype)
+    ref_out, ref_grads = run_with_grads(case, "torch", device, dtype)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref_out, **tol)
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    x = case.make(device, dtype)[0]
+    expected_format = torch.channels_last if case.layout == "channels_last" else None
+    if expected_format is not None:
+        assert out.is_contiguous(memory_format=expected_format), "output lost channels_last"
+        assert grads[0].is_contiguous(memory_format=expected_format)
+    assert out.dtype == x.dtype and out.device == x.device
+
+
+@pytest.mark.parametrize("case", depthwise_cases(), ids=str)
+def test_native_cpu_matches_reference(case):
+    if kernels.available_backends("cpu")["native"] is not None:
+        pytest.fail(f"native CPU backend missing: {kernels.available_backends('cpu')['native']}")
+    assert_matches_reference(case, "native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", depthwise_cases()[:6], ids=str)
+def test_native_cpu_other_dtypes(case, dtype):
+    """The host runs every dtype the CUDA kernels take: 8-wide half vectors, float64 pairs."""
+    assert_matches_reference(case, "native", dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu")[1:])
+@pytest.mark.parametrize("case", interpreter_cases(), ids=str)
+def test_triton_interpreter_matches_reference(case, backend):
+    assert_matches_reference(case, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("case", depthwise_cases(), ids=str)
+def test_cuda_matches_reference(case, backend, dtype):
+    assert_matches_reference(case, backend, "cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_mobilenet_layer_bf16_channels_last(backend):
+    """A full-size MobileNet layer (the benchmark's shapes) in the fast configuration."""
+    case = DepthwiseCase(8, 128, 56, 56, (3, 3), 2, 1, 1, False, "channels_last")
+    assert_matches_reference(case, backend, "cuda", torch.bfloat16)
+
+
+def test_gradcheck_native_float64():
+    case = DepthwiseCase(2, 3, 6, 5, (3, 2), (2, 1), (1, 2), (1, 2), True, "channels_last")
+    x, w, b = case.make(dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda *t: kernels.depthwise_conv2d(*t, **case.conv_args(), backend="native"), (x, w, b)
+    )
+
+
+def test_gradgradcheck_native_float64():
+    """Double backward goes through the backward ops' own autograd formulas."""
+    case = DepthwiseCase(1, 2, 5, 4, (3, 3), (2, 1), (1, 0), (1, 1), True, "nchw")
+    x, w, b = case.make(dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(
+        lambda *t: kernels.depthwise_conv2d(*t, **case.conv_args(), backend="native"), (x, w, b)
+    )
+
+
+def test_bias_gradient_alone():
+    """Only the bias requires grad: no input is saved, the bias gradient still comes out."""
+    case = DepthwiseCase(2, 4, 5, 5, (3, 3), 1, 1, 1, True)
+    x, w, b = case.make()
+    b.requires_grad_()
+    out = kernels.depthwise_conv2d(x, w, b, padding=1, backend="native")
+    (grad,) = torch.autograd.grad(out.sum() * 2, b)
+    torch.testing.assert_close(grad, torch.full_like(b, 2 * 5 * 5 * 2))
+
+
+def _opcheck_samples(device):
+    case = DepthwiseCase(2, 8, 7, 6, (3, 3), 2, 1, 1, True, "channels_last")
+    x, w, b = case.make(device, requires_grad=True)
+    geometry = ([2, 2], [1, 1, 1, 1], [1, 1])
+    go = torch.randn(2, 8, 4, 3, device=device)
+    return [
+        (torch.ops.depsep.depthwise_conv2d_fwd.default, (x, w, b, *geometry)),
+        (torch.ops.depsep.depthwise_conv2d_fwd.default, (x.contiguous(), w, None, *geometry)),
+        (torch.ops.depsep.depthwise_conv2d_bwd_input.default, (go, w, [2, 8, 7, 6], *geometry)),
+        (
+            torch.ops.depsep.depthwise_conv2d_bwd_weight.default,
+            (go, x.detach(), [3, 3], *geometry, True),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def test_opcheck_native(device):
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_cpu():
+    """torch.compile sees the op through its fake kernel: no graph break, same numbers."""
+    case = DepthwiseCase(2, 8, 9, 9, (3, 3), 1, 1, 1, True, "channels_last")
+    x, w, b = case.make()
+
+    def block(x, w, b):
+        return torch.relu(kernels.depthwise_conv2d(x, w, b, padding=1, backend="native")) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, b), block(x, w, b))
+    torch.testing.assert_close(
+        compiled(x, w, b), torch.relu(F.conv2d(x, w, b, 1, 1, 1, 8)) * 2, **TOLERANCES[x.dtype]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_compile_inductor_cuda(backend):
+    case = DepthwiseCase(4, 32, 16, 16, (3, 3), 1, 1, 1, True, "channels_last")
+    x, w, b = case.make("cuda", requires_grad=True)
+
+    def block(x, w, b):
+        return torch.relu(kernels.depthwise_conv2d(x, w, b, padding=1, backend=backend))
+
+    torch._dynamo.reset()
+    out = torch.compile(block, fullgraph=True)(x, w, b)
+    torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, 1, 1, 1, 32)), **TOLERANCES[x.dtype])
+    out.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_weight_gradient_is_deterministic_across_thread_counts():
+    """Two-pass fixed-order reduction: bitwise the same whatever the thread pool does."""
+    case = DepthwiseCase(4, 16, 24, 24, (3, 3), 1, 1, 1, True, "channels_last")
+    x, w, _ = case.make()
+    go = torch.randn(4, 16, 24, 24).contiguous(memory_format=torch.channels_last)
+    op = torch.ops.depsep.depthwise_conv2d_bwd_weight
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results += [op(go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    for grad_weight, grad_bias in results[1:]:
+        assert torch.equal(grad_weight, results[0][0]) and torch.equal(grad_bias, results[0][1])
+
+
+def test_empty_batch_returns_empty_result_and_zero_grads():
+    case = DepthwiseCase(0, 4, 5, 5, (3, 3), 1, 1, 1, True, "channels_last")
+    x, w, b = case.make(requires_grad=True)
+    out = kernels.depthwise_conv2d(x, w, b, padding=1, backend="native")
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.zeros_like(w))
+    torch.testing.assert_close(b.grad, torch.zeros_like(b))
+
+
+def test_nan_and_inf_propagate_like_the_reference():
+    x = torch.randn(1, 4, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    w = torch.randn(4, 1, 3, 3)
+    out = kernels.depthwise_conv2d(x, w, padding=1, backend="native")
+    torch.testing.assert_close(out, F.conv2d(x, w, None, 1, 1, 1, 4), equal_nan=True)
+
+
+def test_autocast_casts_like_conv2d():
+    case = DepthwiseCase(2, 8, 7, 7, (3, 3), 1, 1, 1, True, "channels_last")
+    x, w, b = case.make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.depthwise_conv2d(x, w, b, padding=1, backend="native")
+        ref = F.conv2d(x, w, b, 1, 1, 1, 8)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_cuda_tensor_past_2_to_the_31_elements():
+    """64-bit offsets: a channels_last input of 2^31 + some elements, checked on its last rows."""
+    n, c, h, w = 1, 8, 8192, 32769  # 2,147,549,184 elements
+    try:
+        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(c, 1, 3, 3, device="cuda", dtype=torch.float16)
+    out = kernels.depthwise_conv2d(x, wt, padding=1, backend="native")
+    tail = x[:, :, -4:, :]
+    ref = F.conv2d(tail.float(), wt.float(), None, 1, (0, 1), 1, c)
+    torch.testing.assert_close(out[:, :, -3:-1, :].float(), ref, atol=2e-2, rtol=2e-2)
