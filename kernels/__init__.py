@@ -5,8 +5,10 @@ Backends: "torch" (the reference), "native" (kernels._C: C++ on CPU, CUDA C++ on
 backend is reported by `available_backends` and by a warning.
 """
 
-from . import _ops  # noqa: F401  (defines the op schemas, fakes and autograd)
-from . import _extension  # noqa: F401  (loads kernels._C: the native kernels of those ops)
+from . import (
+    _extension,  # noqa: F401  (loads kernels._C: the native kernels of those ops)
+    _ops,  # noqa: F401  (defines the op schemas, fakes and autograd)
+)
 from ._backend import BACKENDS, available_backends
 from .functional import depthwise_conv2d
 

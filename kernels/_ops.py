@@ -6,40 +6,36 @@ nn.Modules. The "native" implementations are registered for CPU and CUDA by kern
 """
 
 import torch
-from torch import Tensor
+
+from ._layout import memory_format
 
 _LIB = torch.library.Library("depsep", "DEF")  # noqa: TOR901 (one DEF library for the namespace)
 _FIXED_LAYOUT = (torch.Tag.needs_fixed_stride_order,)
 
-_LIB.define(
-    "depthwise_conv2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
-    "int[4] padding, int[2] dilation) -> Tensor",
-    tags=_FIXED_LAYOUT,
-)
-_LIB.define(
-    "depthwise_conv2d_bwd_input(Tensor grad_output, Tensor weight, int[4] input_shape, "
-    "int[2] stride, int[4] padding, int[2] dilation) -> Tensor",
-    tags=_FIXED_LAYOUT,
-)
-_LIB.define(
-    "depthwise_conv2d_bwd_weight(Tensor grad_output, Tensor input, int[2] kernel_size, "
-    "int[2] stride, int[4] padding, int[2] dilation, bool compute_bias) -> (Tensor, Tensor)",
-    tags=_FIXED_LAYOUT,
-)
+# The native depthwise ops, and their "_host_programs_" twins: CPU-only, test-only entry
+# points that run the CUDA kernels' thread programs on the host (csrc/depthwise/).
+NATIVE_DEPTHWISE_PREFIXES = ("", "_host_programs_")
+for _prefix in NATIVE_DEPTHWISE_PREFIXES:
+    _LIB.define(
+        f"{_prefix}depthwise_conv2d_fwd(Tensor input, Tensor weight, Tensor? bias, "
+        "int[2] stride, int[4] padding, int[2] dilation) -> Tensor",
+        tags=_FIXED_LAYOUT,
+    )
+    _LIB.define(
+        f"{_prefix}depthwise_conv2d_bwd_input(Tensor grad_output, Tensor weight, "
+        "int[4] input_shape, int[2] stride, int[4] padding, int[2] dilation) -> Tensor",
+        tags=_FIXED_LAYOUT,
+    )
+    _LIB.define(
+        f"{_prefix}depthwise_conv2d_bwd_weight(Tensor grad_output, Tensor input, "
+        "int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, "
+        "bool compute_bias) -> (Tensor, Tensor)",
+        tags=_FIXED_LAYOUT,
+    )
 
 
 def has_native_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"depsep::{op}", dispatch_key)
-
-
-def memory_format(t: Tensor) -> torch.memory_format:
-    """ATen's Tensor.suggest_memory_format(): the layout every depthwise kernel computes in.
-    (torch._prims_common has it from torch 2.12 on, older releases the stride test only.)"""
-    suggest = getattr(torch._prims_common, "suggest_memory_format", None)
-    if suggest is not None:
-        return suggest(t)
-    strides_like_cl = torch._prims_common.are_strides_like_channels_last(t.shape, t.stride())
-    return torch.channels_last if t.dim() == 4 and strides_like_cl else torch.contiguous_format
 
 
 def conv_output_size(size: int, pad_begin: int, pad_end: int, k: int, stride: int, dilation: int):
@@ -54,7 +50,6 @@ def _depthwise_output_shape(input_shape, kernel_size, stride, padding, dilation)
     return (n, c, oh, ow)
 
 
-@torch.library.register_fake("depsep::depthwise_conv2d_fwd")
 def _depthwise_conv2d_fwd_fake(input, weight, bias, stride, padding, dilation):
     torch._check(input.dim() == 4, lambda: "depsep: input must be 4-D")
     torch._check(
@@ -66,7 +61,6 @@ def _depthwise_conv2d_fwd_fake(input, weight, bias, stride, padding, dilation):
     return input.new_empty(shape).contiguous(memory_format=memory_format(input))
 
 
-@torch.library.register_fake("depsep::depthwise_conv2d_bwd_input")
 def _depthwise_conv2d_bwd_input_fake(grad_output, weight, input_shape, stride, padding, dilation):
     torch._check(grad_output.dim() == 4, lambda: "depsep: grad_output must be 4-D")
     expected = _depthwise_output_shape(input_shape, weight.shape[2:], stride, padding, dilation)
@@ -77,7 +71,6 @@ def _depthwise_conv2d_bwd_input_fake(grad_output, weight, input_shape, stride, p
     return grad_output.new_empty(input_shape).contiguous(memory_format=memory_format(grad_output))
 
 
-@torch.library.register_fake("depsep::depthwise_conv2d_bwd_weight")
 def _depthwise_conv2d_bwd_weight_fake(
     grad_output, input, kernel_size, stride, padding, dilation, compute_bias
 ):
@@ -179,7 +172,17 @@ def _register_depthwise_autograd(prefix: str) -> None:
     )
 
 
-_register_depthwise_autograd("")
+for _prefix in NATIVE_DEPTHWISE_PREFIXES:
+    torch.library.register_fake(
+        f"depsep::{_prefix}depthwise_conv2d_fwd", _depthwise_conv2d_fwd_fake
+    )
+    torch.library.register_fake(
+        f"depsep::{_prefix}depthwise_conv2d_bwd_input", _depthwise_conv2d_bwd_input_fake
+    )
+    torch.library.register_fake(
+        f"depsep::{_prefix}depthwise_conv2d_bwd_weight", _depthwise_conv2d_bwd_weight_fake
+    )
+    _register_depthwise_autograd(_prefix)
 
 
 def _load_triton_ops():

@@ -20,7 +20,9 @@ def check_tensors(op: str, **tensors: Tensor | None) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-            raise TypeError(f"{op}: {name} has unsupported dtype {t.dtype}; expected one of {names}")
+            raise TypeError(
+                f"{op}: {name} has unsupported dtype {t.dtype}; expected one of {names}"
+            )
         if first is None:
             first_name, first = name, t
             continue
@@ -43,8 +45,9 @@ def check_rank(op: str, name: str, t: Tensor, rank: int, shape_doc: str) -> None
 
 def _int_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
-                                 for v in pair):
+    if len(pair) != 2 or not all(
+        isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in pair
+    ):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
         bound = "positive" if minimum == 1 else "non-negative"
@@ -72,7 +75,8 @@ def depthwise_args(
     channels = input.shape[1]
     if weight.shape[1] != 1:
         raise ValueError(
-            f"{op}: weight must be [C, 1, kH, kW] (one filter per channel), got {tuple(weight.shape)}"
+            f"{op}: weight must be [C, 1, kH, kW] (one filter per channel), "
+            f"got {tuple(weight.shape)}"
         )
     if weight.shape[0] != channels:
         raise ValueError(
@@ -99,7 +103,9 @@ def depthwise_args(
             total = [d * (k - 1) for d, k in zip(dilation, kernel)]
             pad = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
         else:
-            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+            raise ValueError(
+                f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}"
+            )
     else:
         ph, pw = _int_pair(op, "padding", padding, 0)
         pad = (ph, ph, pw, pw)

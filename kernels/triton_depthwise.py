@@ -21,13 +21,13 @@ No autograd here: kernels/_ops.py registers it on top of these ops.
 """
 
 import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
+
+from ._layout import memory_format as suggest_memory_format
 
 # Under the interpreter every program instance costs ~25 ms: one fixed config, no benchmarking.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,8 +53,9 @@ _GATHER_KEY = ["OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
 
 
 @triton.jit
-def _tap_source(o, k, pad, src_len, STRIDE: tl.constexpr, DILATION: tl.constexpr,
-                TRANSPOSED: tl.constexpr):
+def _tap_source(
+    o, k, pad, src_len, STRIDE: tl.constexpr, DILATION: tl.constexpr, TRANSPOSED: tl.constexpr
+):
     """Along one spatial axis: the index into the source that tap `k` of output index `o` reads,
     and whether it exists (inside the source; for TRANSPOSED, also on the stride grid)."""
     if TRANSPOSED:
@@ -104,8 +105,7 @@ def _tree_sum_rows(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(
-        gpu=[({"BLOCK": 64}, 2), ({"BLOCK": 128}, 4), ({"BLOCK": 256}, 4),
-             ({"BLOCK": 512}, 4), ({"BLOCK": 1024}, 8)],
+        gpu=[({"BLOCK": 128}, 4), ({"BLOCK": 256}, 4), ({"BLOCK": 512}, 4), ({"BLOCK": 1024}, 8)],
         interpret=({"BLOCK": 64}, 4),
     ),
     key=_GATHER_KEY,
@@ -113,13 +113,25 @@ def _tree_sum_rows(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 @triton.jit
 def _depthwise_gather_nchw_kernel(
     src_ptr,  # [N, C, SH, SW] contiguous: input (forward) or grad_output (input gradient)
-    w_ptr,    # [C, KH * KW] contiguous
-    b_ptr,    # [C]; read only when HAS_BIAS
+    w_ptr,  # [C, KH * KW] contiguous
+    b_ptr,  # [C]; read only when HAS_BIAS
     out_ptr,  # [N, C, OH, OW] contiguous: output (forward) or grad_input (input gradient)
-    C, SH, SW, OH, OW, PAD_H, PAD_W,
-    KH: tl.constexpr, KW: tl.constexpr,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    C,
+    SH,
+    SW,
+    OH,
+    OW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # NCHW. 1-D grid over (n*C + c plane, block of BLOCK pixels of that plane); the plane's
     # weights are scalars. Moves: out written once; src read once from DRAM (the KH*KW
@@ -152,9 +164,12 @@ def _depthwise_gather_nchw_kernel(
 
 @triton.autotune(
     configs=_configs(
-        gpu=[({"BLOCK_P": 64, "BLOCK_C": 32}, 4), ({"BLOCK_P": 32, "BLOCK_C": 64}, 4),
-             ({"BLOCK_P": 16, "BLOCK_C": 128}, 4), ({"BLOCK_P": 128, "BLOCK_C": 32}, 8),
-             ({"BLOCK_P": 64, "BLOCK_C": 64}, 8), ({"BLOCK_P": 32, "BLOCK_C": 128}, 8)],
+        gpu=[
+            ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
+            ({"BLOCK_P": 32, "BLOCK_C": 64}, 4),
+            ({"BLOCK_P": 128, "BLOCK_C": 32}, 8),
+            ({"BLOCK_P": 64, "BLOCK_C": 64}, 8),
+        ],
         interpret=({"BLOCK_P": 32, "BLOCK_C": 16}, 4),
     ),
     key=["C"] + _GATHER_KEY,
@@ -162,14 +177,27 @@ def _depthwise_gather_nchw_kernel(
 @triton.jit
 def _depthwise_gather_nhwc_kernel(
     src_ptr,  # [N, SH, SW, C] contiguous (channels_last): input or grad_output
-    w_ptr,    # [C, KH * KW] contiguous
-    b_ptr,    # [C]; read only when HAS_BIAS
+    w_ptr,  # [C, KH * KW] contiguous
+    b_ptr,  # [C]; read only when HAS_BIAS
     out_ptr,  # [N, OH, OW, C] contiguous (channels_last): output or grad_input
-    num_pixels, C, SH, SW, OH, OW, PAD_H, PAD_W,
-    KH: tl.constexpr, KW: tl.constexpr,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    num_pixels,
+    C,
+    SH,
+    SW,
+    OH,
+    OW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # Channels_last. 1-D grid over (block of BLOCK_P output pixels of the flat N*OH*OW range,
     # block of BLOCK_C channels), channel blocks fastest so neighbouring programs share DRAM rows.
@@ -193,14 +221,20 @@ def _depthwise_gather_nhwc_kernel(
             iw, valid_w = _tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
             pixel = (n * SH + ih) * SW + iw
             valid = p_mask & valid_h & valid_w
-            x = tl.load(src_ptr + pixel[:, None] * C + c[None, :],
-                        mask=valid[:, None] & c_mask[None, :], other=0.0)
+            x = tl.load(
+                src_ptr + pixel[:, None] * C + c[None, :],
+                mask=valid[:, None] & c_mask[None, :],
+                other=0.0,
+            )
             w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_mask, other=0.0)
             acc += x.to(acc.dtype) * w.to(acc.dtype)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc.dtype)[None, :]
-    tl.store(out_ptr + p[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(
+        out_ptr + p[:, None] * C + c[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=p_mask[:, None] & c_mask[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +248,27 @@ def _depthwise_gather_nhwc_kernel(
 )
 @triton.jit
 def _depthwise_wgrad_partial_nchw_kernel(
-    go_ptr,       # [N, C, OH, OW] contiguous: grad_output
-    x_ptr,        # [N, C, H, W] contiguous: input
+    go_ptr,  # [N, C, OH, OW] contiguous: grad_output
+    x_ptr,  # [N, C, H, W] contiguous: input
     partial_ptr,  # [num_chunks, C, TAPS] contiguous, float32 (float64 for float64 input)
-    C, H, W, OH, OW, PAD_H, PAD_W, num_items, items_per_chunk,
-    KH: tl.constexpr, KW: tl.constexpr,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TAPS: tl.constexpr, TAPS_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    PAD_H,
+    PAD_W,
+    num_items,
+    items_per_chunk,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TAPS: tl.constexpr,
+    TAPS_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     # NCHW. Grid (C, num_chunks). An item is BLOCK_P pixels of one (n, c) plane; program (c, k)
     # walks items [k*items_per_chunk, (k+1)*items_per_chunk) of channel c in order, keeping a
@@ -243,10 +291,12 @@ def _depthwise_wgrad_partial_nchw_kernel(
         p_mask = offs < OH * OW
         plane = tl.cast(n, tl.int64) * C + c
         g = tl.load(go_ptr + plane * OH * OW + offs, mask=p_mask, other=0.0).to(acc.dtype)
-        ih, valid_h = _tap_source((offs // OW)[:, None], kh[None, :], PAD_H, H,
-                                  STRIDE_H, DIL_H, False)
-        iw, valid_w = _tap_source((offs % OW)[:, None], kw[None, :], PAD_W, W,
-                                  STRIDE_W, DIL_W, False)
+        ih, valid_h = _tap_source(
+            (offs // OW)[:, None], kh[None, :], PAD_H, H, STRIDE_H, DIL_H, False
+        )
+        iw, valid_w = _tap_source(
+            (offs % OW)[:, None], kw[None, :], PAD_W, W, STRIDE_W, DIL_W, False
+        )
         valid = p_mask[:, None] & valid_h & valid_w & is_weight_tap[None, :]
         x = tl.load(x_ptr + plane * H * W + ih * W + iw, mask=valid, other=0.0).to(acc.dtype)
         if TAPS > KH * KW:
@@ -265,13 +315,28 @@ def _depthwise_wgrad_partial_nchw_kernel(
 )
 @triton.jit
 def _depthwise_wgrad_partial_nhwc_kernel(
-    go_ptr,       # [N, OH, OW, C] contiguous (channels_last): grad_output
-    x_ptr,        # [N, H, W, C] contiguous (channels_last): input
+    go_ptr,  # [N, OH, OW, C] contiguous (channels_last): grad_output
+    x_ptr,  # [N, H, W, C] contiguous (channels_last): input
     partial_ptr,  # [num_chunks, C, TAPS] contiguous, float32 (float64 for float64 input)
-    num_pixels, C, H, W, OH, OW, PAD_H, PAD_W, num_items, items_per_chunk,
-    KH: tl.constexpr, KW: tl.constexpr,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TAPS: tl.constexpr, TAPS_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    num_pixels,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    PAD_H,
+    PAD_W,
+    num_items,
+    items_per_chunk,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TAPS: tl.constexpr,
+    TAPS_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # Channels_last. Grid (C blocks, num_chunks). An item is BLOCK_P consecutive pixels of the
@@ -294,21 +359,30 @@ def _depthwise_wgrad_partial_nhwc_kernel(
         p = tl.cast(item, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = p < num_pixels
         n, oh, ow = _split_pixel(p, OH, OW)
-        g = tl.load(go_ptr + p[:, None] * C + c[None, :],
-                    mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(acc.dtype)
+        g = tl.load(
+            go_ptr + p[:, None] * C + c[None, :], mask=p_mask[:, None] & c_mask[None, :], other=0.0
+        ).to(acc.dtype)
         ih, valid_h = _tap_source(oh[:, None], kh[None, :], PAD_H, H, STRIDE_H, DIL_H, False)
         iw, valid_w = _tap_source(ow[:, None], kw[None, :], PAD_W, W, STRIDE_W, DIL_W, False)
         pixel = (n[:, None] * H + ih) * W + iw
         valid = p_mask[:, None] & valid_h & valid_w & is_weight_tap[None, :]
-        x = tl.load(x_ptr + pixel[:, :, None] * C + c[None, None, :],
-                    mask=valid[:, :, None] & c_mask[None, None, :], other=0.0).to(acc.dtype)
+        x = tl.load(
+            x_ptr + pixel[:, :, None] * C + c[None, None, :],
+            mask=valid[:, :, None] & c_mask[None, None, :],
+            other=0.0,
+        ).to(acc.dtype)
         if TAPS > KH * KW:
             x = tl.where((tap == KH * KW)[None, :, None], 1.0, x)
         acc += g[:, None, :] * x
-    total = tl.reshape(_tree_sum_rows(tl.reshape(acc, [BLOCK_P, TAPS_PAD * BLOCK_C]),
-                                      BLOCK_P, TAPS_PAD * BLOCK_C), [TAPS_PAD, BLOCK_C])
-    tl.store(partial_ptr + (chunk.to(tl.int64) * C + c[None, :]) * TAPS + tap[:, None], total,
-             mask=(tap < TAPS)[:, None] & c_mask[None, :])
+    total = tl.reshape(
+        _tree_sum_rows(tl.reshape(acc, [BLOCK_P, TAPS_PAD * BLOCK_C]), BLOCK_P, TAPS_PAD * BLOCK_C),
+        [TAPS_PAD, BLOCK_C],
+    )
+    tl.store(
+        partial_ptr + (chunk.to(tl.int64) * C + c[None, :]) * TAPS + tap[:, None],
+        total,
+        mask=(tap < TAPS)[:, None] & c_mask[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,14 +393,38 @@ def _depthwise_wgrad_partial_nhwc_kernel(
 def _check_planes_fit_int32(*shapes):
     # In-plane offsets and the flat-pixel decode are int32 in the kernels.
     for shape in shapes:
-        torch._check(shape[-2] * shape[-1] < 2**31,
-                     lambda: f"depthwise_conv2d (triton): spatial plane {list(shape[-2:])} has "
-                             "2**31 or more elements")
+        torch._check(
+            shape[-2] * shape[-1] < 2**31,
+            lambda shape=shape: (
+                f"depthwise_conv2d (triton): spatial plane {list(shape[-2:])} has "
+                "2**31 or more elements"
+            ),
+        )
 
 
-def _launch_gather(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor,
-                   channels_last: bool, padding: list[int], stride: list[int],
-                   dilation: list[int], transposed: bool) -> None:
+def _geometry(kernel_size, stride: list[int], dilation: list[int]) -> dict:
+    """The constexpr kernel-geometry arguments shared by every kernel."""
+    return dict(
+        KH=kernel_size[0],
+        KW=kernel_size[1],
+        STRIDE_H=stride[0],
+        STRIDE_W=stride[1],
+        DIL_H=dilation[0],
+        DIL_W=dilation[1],
+    )
+
+
+def _launch_gather(
+    src: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
+    channels_last: bool,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    transposed: bool,
+) -> None:
     """out = sum over taps of src * weight (+ bias); src and out contiguous in the same layout."""
     if out.numel() == 0:
         return
@@ -335,16 +433,16 @@ def _launch_gather(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Ten
     OH, OW = out.shape[-2:]
     kh, kw = weight.shape[-2:]
     weight = weight.reshape(C, kh * kw).contiguous()
-    bias = weight if bias is None else bias.contiguous()
-    geometry = dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0],
-                    DIL_W=dilation[1], TRANSPOSED=transposed, HAS_BIAS=bias is not weight)
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else weight  # placeholder pointer, never read
+    geometry = dict(_geometry((kh, kw), stride, dilation), TRANSPOSED=transposed, HAS_BIAS=has_bias)
     if channels_last:
         num_pixels = N * OH * OW
         torch.library.wrap_triton(_depthwise_gather_nhwc_kernel)[
-            lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_P"])
-                          * triton.cdiv(C, meta["BLOCK_C"]),)
-        ](src, weight, bias, out, num_pixels, C, SH, SW, OH, OW, padding[0], padding[2],
-          **geometry)
+            lambda meta: (
+                triton.cdiv(num_pixels, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),
+            )
+        ](src, weight, bias, out, num_pixels, C, SH, SW, OH, OW, padding[0], padding[2], **geometry)
     else:
         torch.library.wrap_triton(_depthwise_gather_nchw_kernel)[
             lambda meta: (N * C * triton.cdiv(OH * OW, meta["BLOCK"]),)
@@ -353,14 +451,22 @@ def _launch_gather(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Ten
 
 def _wgrad_chunking(num_items: int, block_p: int) -> tuple[int, int]:
     """(items_per_chunk, num_chunks) for `num_items` items of `block_p` pixels: shape-only."""
-    items_per_chunk = max(triton.cdiv(_WGRAD_MIN_CHUNK_PIXELS, block_p),
-                          triton.cdiv(num_items, _WGRAD_MAX_CHUNKS))
+    items_per_chunk = max(
+        triton.cdiv(_WGRAD_MIN_CHUNK_PIXELS, block_p), triton.cdiv(num_items, _WGRAD_MAX_CHUNKS)
+    )
     return items_per_chunk, triton.cdiv(num_items, items_per_chunk)
 
 
-def _wgrad_sums(grad_output: Tensor, input: Tensor, channels_last: bool, taps: int,
-                kernel_size: list[int], padding: list[int], stride: list[int],
-                dilation: list[int]) -> Tensor:
+def _wgrad_sums(
+    grad_output: Tensor,
+    input: Tensor,
+    channels_last: bool,
+    taps: int,
+    kernel_size: list[int],
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+) -> Tensor:
     """[C, taps] sums over all output pixels of grad_output * shifted input (last tap: bias)."""
     N, C, H, W = input.shape
     OH, OW = grad_output.shape[-2:]
@@ -368,36 +474,69 @@ def _wgrad_sums(grad_output: Tensor, input: Tensor, channels_last: bool, taps: i
     if N * OH * OW == 0 or C == 0:
         return torch.zeros((C, taps), device=input.device, dtype=acc_dtype)
     _check_planes_fit_int32(input.shape, grad_output.shape)
-    kh, kw = kernel_size
     taps_pad = triton.next_power_of_2(taps)
-    geometry = dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0],
-                    DIL_W=dilation[1], TAPS=taps, TAPS_PAD=taps_pad)
+    geometry = dict(_geometry(kernel_size, stride, dilation), TAPS=taps, TAPS_PAD=taps_pad)
     if channels_last:
         # A [BLOCK_P, TAPS_PAD, BLOCK_C] accumulator: 128 * BLOCK_C floats whatever the kernel.
         block_p = max(1, 128 // taps_pad)
         num_items = triton.cdiv(N * OH * OW, block_p)
     else:
         # A [BLOCK_P, TAPS_PAD] accumulator of about 2048 floats, BLOCK_P at most one plane.
-        block_p = max(16, min(2048 // taps_pad, triton.next_power_of_2(OH * OW)))
+        # BLOCK_P is a constexpr, so under torch.compile this specialises on the plane size.
+        block_p = max(16, min(2048 // taps_pad, triton.next_power_of_2(int(OH * OW))))
         num_items = N * triton.cdiv(OH * OW, block_p)
     items_per_chunk, num_chunks = _wgrad_chunking(num_items, block_p)
     partial = torch.empty((num_chunks, C, taps), device=input.device, dtype=acc_dtype)
     if channels_last:
         torch.library.wrap_triton(_depthwise_wgrad_partial_nhwc_kernel)[
             lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), num_chunks)
-        ](grad_output, input, partial, N * OH * OW, C, H, W, OH, OW, padding[0], padding[2],
-          num_items, items_per_chunk, BLOCK_P=block_p, **geometry)
+        ](
+            grad_output,
+            input,
+            partial,
+            N * OH * OW,
+            C,
+            H,
+            W,
+            OH,
+            OW,
+            padding[0],
+            padding[2],
+            num_items,
+            items_per_chunk,
+            BLOCK_P=block_p,
+            **geometry,
+        )
     else:
         torch.library.wrap_triton(_depthwise_wgrad_partial_nchw_kernel)[(C, num_chunks)](
-            grad_output, input, partial, C, H, W, OH, OW, padding[0], padding[2], num_items,
-            items_per_chunk, BLOCK_P=block_p, **geometry)
+            grad_output,
+            input,
+            partial,
+            C,
+            H,
+            W,
+            OH,
+            OW,
+            padding[0],
+            padding[2],
+            num_items,
+            items_per_chunk,
+            BLOCK_P=block_p,
+            **geometry,
+        )
     # Second pass: a fixed-order reduction over the chunks.
     return partial.sum(0)
 
 
 @torch.library.triton_op("depsep::triton_depthwise_conv2d_fwd", mutates_args={})
-def depthwise_conv2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor],
-                         stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+def depthwise_conv2d_fwd(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
     """Depthwise conv2d: input [N, C, H, W], weight [C, 1, kH, kW], padding [t, b, l, r]."""
     N, C, H, W = input.shape
     kh, kw = weight.shape[-2:]
@@ -405,28 +544,58 @@ def depthwise_conv2d_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor],
     ow = (W + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     fmt = suggest_memory_format(input)
     out = torch.empty((N, C, oh, ow), device=input.device, dtype=input.dtype, memory_format=fmt)
-    _launch_gather(input.contiguous(memory_format=fmt), weight, bias, out,
-                   fmt == torch.channels_last, padding, stride, dilation, transposed=False)
+    _launch_gather(
+        input.contiguous(memory_format=fmt),
+        weight,
+        bias,
+        out,
+        fmt == torch.channels_last,
+        padding,
+        stride,
+        dilation,
+        transposed=False,
+    )
     return out
 
 
 @torch.library.triton_op("depsep::triton_depthwise_conv2d_bwd_input", mutates_args={})
-def depthwise_conv2d_bwd_input(grad_output: Tensor, weight: Tensor, input_shape: list[int],
-                               stride: list[int], padding: list[int],
-                               dilation: list[int]) -> Tensor:
+def depthwise_conv2d_bwd_input(
+    grad_output: Tensor,
+    weight: Tensor,
+    input_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
     """Gradient of depthwise_conv2d_fwd with respect to its input, shaped `input_shape`."""
     fmt = suggest_memory_format(grad_output)
-    grad_input = torch.empty(input_shape, device=grad_output.device, dtype=grad_output.dtype,
-                             memory_format=fmt)
-    _launch_gather(grad_output.contiguous(memory_format=fmt), weight, None, grad_input,
-                   fmt == torch.channels_last, padding, stride, dilation, transposed=True)
+    grad_input = torch.empty(
+        input_shape, device=grad_output.device, dtype=grad_output.dtype, memory_format=fmt
+    )
+    _launch_gather(
+        grad_output.contiguous(memory_format=fmt),
+        weight,
+        None,
+        grad_input,
+        fmt == torch.channels_last,
+        padding,
+        stride,
+        dilation,
+        transposed=True,
+    )
     return grad_input
 
 
 @torch.library.triton_op("depsep::triton_depthwise_conv2d_bwd_weight", mutates_args={})
-def depthwise_conv2d_bwd_weight(grad_output: Tensor, input: Tensor, kernel_size: list[int],
-                                stride: list[int], padding: list[int], dilation: list[int],
-                                compute_bias: bool) -> tuple[Tensor, Tensor]:
+def depthwise_conv2d_bwd_weight(
+    grad_output: Tensor,
+    input: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    compute_bias: bool,
+) -> tuple[Tensor, Tensor]:
     """(grad_weight [C, 1, kH, kW], grad_bias [C] or an empty [0]) of depthwise_conv2d_fwd.
 
     Deterministic: no atomics, and the reduction order depends on the shapes only.
@@ -434,14 +603,25 @@ def depthwise_conv2d_bwd_weight(grad_output: Tensor, input: Tensor, kernel_size:
     C = input.shape[1]
     kh, kw = kernel_size
     fmt = suggest_memory_format(input)
-    sums = _wgrad_sums(grad_output.contiguous(memory_format=fmt),
-                       input.contiguous(memory_format=fmt), fmt == torch.channels_last,
-                       kh * kw + int(compute_bias), kernel_size, padding, stride, dilation)
-    grad_weight = sums[:, :kh * kw].to(input.dtype, memory_format=torch.contiguous_format,
-                                        copy=True).view(C, 1, kh, kw)
+    sums = _wgrad_sums(
+        grad_output.contiguous(memory_format=fmt),
+        input.contiguous(memory_format=fmt),
+        fmt == torch.channels_last,
+        kh * kw + int(compute_bias),
+        kernel_size,
+        padding,
+        stride,
+        dilation,
+    )
+    grad_weight = (
+        sums[:, : kh * kw]
+        .to(input.dtype, memory_format=torch.contiguous_format, copy=True)
+        .view(C, 1, kh, kw)
+    )
     if compute_bias:
-        grad_bias = sums[:, kh * kw].to(input.dtype, memory_format=torch.contiguous_format,
-                                        copy=True)
+        grad_bias = sums[:, kh * kw].to(
+            input.dtype, memory_format=torch.contiguous_format, copy=True
+        )
     else:
         grad_bias = torch.empty(0, device=input.device, dtype=input.dtype)
     return grad_weight, grad_bias

@@ -63,7 +63,9 @@ def test_tensors_on_different_devices():
 
 @pytest.mark.parametrize("backend", backend_params("cpu")[:1])
 def test_empty_spatial_output_with_1x1_kernel_and_empty_batch(backend):
-    out = kernels.depthwise_conv2d(torch.randn(0, 4, 3, 3), torch.randn(4, 1, 1, 1), backend=backend)
+    out = kernels.depthwise_conv2d(
+        torch.randn(0, 4, 3, 3), torch.randn(4, 1, 1, 1), backend=backend
+    )
     assert out.shape == (0, 4, 3, 3)
 
 

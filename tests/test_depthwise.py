@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import reference
+from kernels import _validate, reference
 
 from .common import (
     HAS_CUDA,
@@ -17,31 +17,46 @@ from .common import (
 )
 
 
-def run_with_grads(case: DepthwiseCase, backend, device="cpu", dtype=torch.float32):
-    """Output and (input, weight, bias) gradients for one case, under a fixed upstream gradient."""
-    x, w, b = case.make(device, dtype, requires_grad=True)
+def depthwise(case: DepthwiseCase, backend: str, x, w, b):
+    """The case's convolution by `backend`, or by "host_programs": the CUDA kernels' thread
+    programs run on the host through the test-only ops (forward and both backward ops)."""
     if backend == "torch":
-        out = reference.depthwise_conv2d(x, w, b, **case.conv_args())
-    else:
-        out = kernels.depthwise_conv2d(x, w, b, **case.conv_args(), backend=backend)
+        return reference.depthwise_conv2d(x, w, b, **case.conv_args())
+    if backend == "host_programs":
+        geometry = _validate.depthwise_args("test", x, w, b, **case.conv_args())
+        return torch.ops.depsep._host_programs_depthwise_conv2d_fwd(
+            x, w, b, list(geometry.stride), list(geometry.padding), list(geometry.dilation)
+        )
+    return kernels.depthwise_conv2d(x, w, b, **case.conv_args(), backend=backend)
+
+
+def run_with_grads(case: DepthwiseCase, backend, device="cpu", dtype=torch.float32):
+    """Output and (input, weight, bias) gradients of `backend` for one case under a fixed
+    upstream gradient, and the same from the reference computed in float64 on the very same
+    values (so low-precision results are judged against exact ones)."""
+    x, w, b = case.make(device, dtype, requires_grad=True)
+    out = depthwise(case, backend, x, w, b)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     inputs = [t for t in (x, w, b) if t is not None]
-    return out, torch.autograd.grad(out, inputs, grad_out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    x64, w64, b64 = exact[0], exact[1], exact[2] if b is not None else None
+    ref = reference.depthwise_conv2d(x64, w64, b64, **case.conv_args())
+    ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
+    return (out, grads), (ref.to(dtype), [g.to(dtype) for g in ref_grads])
 
 
 def assert_matches_reference(case, backend, device="cpu", dtype=torch.float32):
-    out, grads = run_with_grads(case, backend, device, dtype)
-    ref_out, ref_grads = run_with_grads(case, "torch", device, dtype)
+    (out, grads), (ref_out, ref_grads) = run_with_grads(case, backend, device, dtype)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref_out, **tol)
     for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
         torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
-    x = case.make(device, dtype)[0]
-    expected_format = torch.channels_last if case.layout == "channels_last" else None
-    if expected_format is not None:
-        assert out.is_contiguous(memory_format=expected_format), "output lost channels_last"
-        assert grads[0].is_contiguous(memory_format=expected_format)
-    assert out.dtype == x.dtype and out.device == x.device
+    if case.layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert out.dtype == dtype and out.device.type == device
 
 
 @pytest.mark.parametrize("case", depthwise_cases(), ids=str)
@@ -54,8 +69,20 @@ def test_native_cpu_matches_reference(case):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", depthwise_cases()[:6], ids=str)
 def test_native_cpu_other_dtypes(case, dtype):
-    """The host runs every dtype the CUDA kernels take: 8-wide half vectors, float64 pairs."""
     assert_matches_reference(case, "native", dtype=dtype)
+
+
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", depthwise_cases(), ids=str)
+def test_cuda_thread_programs_on_host(case, dtype):
+    """SPEC §4: the CUDA kernels' own thread programs, run for every thread index on the host,
+    in every dtype: 16-byte channel vectors (4 floats, 2 doubles, 8 halves) in channels_last
+    when C allows, one channel otherwise, the 3x3 and general-kernel paths, the two-pass
+    weight gradient."""
+    assert_matches_reference(case, "host_programs", dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu")[1:])
@@ -123,9 +150,7 @@ def _opcheck_samples(device):
     ]
 
 
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_opcheck_native(device):
     for op, args in _opcheck_samples(device):
         torch.library.opcheck(op, args)
@@ -158,7 +183,9 @@ def test_compile_inductor_cuda(backend):
 
     torch._dynamo.reset()
     out = torch.compile(block, fullgraph=True)(x, w, b)
-    torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, 1, 1, 1, 32)), **TOLERANCES[x.dtype])
+    torch.testing.assert_close(
+        out, torch.relu(F.conv2d(x, w, b, 1, 1, 1, 32)), **TOLERANCES[x.dtype]
+    )
     out.sum().backward()
     assert x.grad is not None and w.grad is not None
 

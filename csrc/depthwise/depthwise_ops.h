@@ -123,75 +123,122 @@ inline at::Tensor dw_tap_major(const at::Tensor& weight) {
   return weight.reshape({weight.size(0), -1}).t().contiguous();
 }
 
+// Pass 2 of the weight gradient: chunks summed in index order (deterministic).
+template <typename Launcher, typename T, typename Acc>
+void dw_reduce_weight_grad(const at::Tensor& partial, int64_t taps, int64_t C,
+                           at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using R = DwWeightGradReduceProgram<T, Acc>;
+  typename R::Args args{partial.const_data_ptr<Acc>(), grad_weight.mutable_data_ptr<T>(),
+                        grad_bias.numel() > 0 ? grad_bias.mutable_data_ptr<T>() : nullptr,
+                        partial.size(0), taps, C};
+  Launcher::template launch<R>(args, R::num_threads(taps, C));
+}
+
+// Computes with the thread programs on `Launcher` (CpuLauncher: the host run; CudaLauncher:
+// the GPU). The op bodies below hand it tensors already laid out in `compute_format`.
 template <typename Launcher>
+struct ProgramCompute {
+  using DeviceGuard = typename Launcher::DeviceGuard;
+
+  static at::MemoryFormat compute_format(at::MemoryFormat suggested, at::ScalarType) {
+    return suggested;
+  }
+
+  static void forward(const DwGeometry& g, bool channels_last, const at::Tensor& x,
+                      const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
+    const DwPlan plan = dw_plan(g, channels_last, x.element_size());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_fwd", [&] {
+      with_spatial_program<DwForwardProgram, scalar_t>(plan, [&](auto program) {
+        using P = decltype(program);
+        typename P::Args args{x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                              b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                              out.mutable_data_ptr<scalar_t>(), g};
+        Launcher::template launch<P>(args, P::num_threads(g));
+      });
+    });
+  }
+
+  static void input_grad(const DwGeometry& g, bool channels_last, const at::Tensor& go,
+                         const at::Tensor& w, at::Tensor& grad_input) {
+    const DwPlan plan = dw_plan(g, channels_last, go.element_size());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "dw_bwd_in", [&] {
+      with_spatial_program<DwInputGradProgram, scalar_t>(plan, [&](auto program) {
+        using P = decltype(program);
+        typename P::Args args{go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                              grad_input.mutable_data_ptr<scalar_t>(), g};
+        Launcher::template launch<P>(args, P::num_threads(g));
+      });
+    });
+  }
+
+  static void weight_grad(const DwGeometry& g, bool channels_last, const at::Tensor& go,
+                          const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+    const DwWeightGradPlan wplan = dw_weight_grad_plan(g);
+    const int64_t taps = static_cast<int64_t>(g.kH) * g.kW;
+    const DwPlan plan = dw_plan(g, channels_last, x.element_size());
+    const bool with_bias = grad_bias.numel() > 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_bwd_w", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      at::Tensor partial = at::empty({wplan.chunks, taps + 1, g.C},
+                                     x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+      with_weight_grad_program<scalar_t>(plan, [&](auto program) {
+        using P = decltype(program);
+        typename P::Args args{go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              partial.mutable_data_ptr<Acc>(), g, wplan, with_bias};
+        Launcher::template launch<P>(args, P::num_threads(g, wplan));
+      });
+      dw_reduce_weight_grad<Launcher, scalar_t, Acc>(partial, taps, g.C, grad_weight, grad_bias);
+    });
+  }
+};
+
+// The three op bodies: checks, device guard, layout and allocation, then `Compute` does the
+// arithmetic in Compute::compute_format; results come back in the layout PyTorch would give.
+template <typename Compute>
 at::Tensor depthwise_conv2d_fwd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DwGeometry g = dw_geometry(input.sizes(), {weight.size(-2), weight.size(-1)}, stride,
                                    padding, dilation);
   dw_check_weight(weight, input, g.C);
-  const typename Launcher::DeviceGuard guard(input.device());
+  const typename Compute::DeviceGuard guard(input.device());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.C &&
                     bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
                 "depsep: bias must be [C] with the input's dtype and device");
   const auto format = input.suggest_memory_format();
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(format));
-  if (output.numel() == 0) return output;
-
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor w = dw_tap_major(weight);
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const DwPlan plan = dw_plan(g, channels_last, input.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_fwd", [&] {
-        with_spatial_program<DwForwardProgram, scalar_t>(plan, [&](auto program) {
-          using P = decltype(program);
-          typename P::Args args{x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                                output.mutable_data_ptr<scalar_t>(), g};
-          Launcher::template launch<P>(args, P::num_threads(g));
-        });
-      });
-  return output;
+  const auto compute = Compute::compute_format(format, input.scalar_type());
+  at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(compute));
+  if (output.numel() > 0)
+    Compute::forward(g, compute == at::MemoryFormat::ChannelsLast, input.contiguous(compute),
+                     dw_tap_major(weight), has_bias ? bias->contiguous() : at::Tensor(), output);
+  return output.contiguous(format);
 }
 
-template <typename Launcher>
+template <typename Compute>
 at::Tensor depthwise_conv2d_bwd_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                       at::IntArrayRef input_shape, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DwGeometry g = dw_geometry(input_shape, {weight.size(-2), weight.size(-1)}, stride,
                                    padding, dilation);
   dw_check_weight(weight, grad_output, g.C);
-  const typename Launcher::DeviceGuard guard(grad_output.device());
+  const typename Compute::DeviceGuard guard(grad_output.device());
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
                   grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
               "depsep: grad_output must be [", g.N, ", ", g.C, ", ", g.OH, ", ", g.OW, "], got ",
               grad_output.sizes());
   const auto format = grad_output.suggest_memory_format();
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  at::Tensor grad_input = at::empty(input_shape, grad_output.options().memory_format(format));
-  if (grad_input.numel() == 0) return grad_input;
-  if (grad_output.numel() == 0) return grad_input.zero_();
-
-  const at::Tensor go = grad_output.contiguous(format);
-  const at::Tensor w = dw_tap_major(weight);
-  const DwPlan plan = dw_plan(g, channels_last, grad_output.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad_output.scalar_type(), "depthwise_conv2d_bwd_input", [&] {
-        with_spatial_program<DwInputGradProgram, scalar_t>(plan, [&](auto program) {
-          using P = decltype(program);
-          typename P::Args args{go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                grad_input.mutable_data_ptr<scalar_t>(), g};
-          Launcher::template launch<P>(args, P::num_threads(g));
-        });
-      });
-  return grad_input;
+  const auto compute = Compute::compute_format(format, grad_output.scalar_type());
+  at::Tensor grad_input = at::empty(input_shape, grad_output.options().memory_format(compute));
+  if (grad_input.numel() > 0 && grad_output.numel() == 0) grad_input.zero_();
+  if (grad_output.numel() > 0)
+    Compute::input_grad(g, compute == at::MemoryFormat::ChannelsLast,
+                        grad_output.contiguous(compute), dw_tap_major(weight), grad_input);
+  return grad_input.contiguous(format);
 }
 
-template <typename Launcher>
+template <typename Compute>
 std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_bwd_weight(
     const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef kernel_size,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -204,36 +251,15 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_bwd_weight(
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
                   grad_output.device() == input.device(),
               "depsep: grad_output must match the input's dtype and device");
-  const typename Launcher::DeviceGuard guard(input.device());
+  const typename Compute::DeviceGuard guard(input.device());
   at::Tensor grad_weight = at::empty({g.C, 1, g.kH, g.kW}, input.options());
   at::Tensor grad_bias = at::empty({compute_bias ? g.C : 0}, input.options());
   if (g.C == 0 || grad_output.numel() == 0) return {grad_weight.zero_(), grad_bias.zero_()};
 
-  const auto format = input.suggest_memory_format();
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor go = grad_output.contiguous(format);
-  const DwWeightGradPlan wplan = dw_weight_grad_plan(g);
-  const int64_t taps = static_cast<int64_t>(g.kH) * g.kW;
-  const DwPlan plan = dw_plan(g, channels_last, input.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_bwd_weight", [&] {
-        using Acc = at::opmath_type<scalar_t>;
-        at::Tensor partial = at::empty({wplan.chunks, taps + 1, g.C},
-                                       input.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-        with_weight_grad_program<scalar_t>(plan, [&](auto program) {
-          using P = decltype(program);
-          typename P::Args args{go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                partial.mutable_data_ptr<Acc>(), g, wplan, compute_bias};
-          Launcher::template launch<P>(args, P::num_threads(g, wplan));
-        });
-        using R = DwWeightGradReduceProgram<scalar_t, Acc>;
-        typename R::Args args{partial.const_data_ptr<Acc>(),
-                              grad_weight.mutable_data_ptr<scalar_t>(),
-                              compute_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr,
-                              wplan.chunks, taps, g.C};
-        Launcher::template launch<R>(args, R::num_threads(taps, g.C));
-      });
+  const auto compute =
+      Compute::compute_format(input.suggest_memory_format(), input.scalar_type());
+  Compute::weight_grad(g, compute == at::MemoryFormat::ChannelsLast, grad_output.contiguous(compute),
+                       input.contiguous(compute), grad_weight, grad_bias);
   return {grad_weight, grad_bias};
 }
 

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "depthwise_geometry.h"
+
 #if defined(__CUDACC__)
 #define DEPSEP_HD __host__ __device__ __forceinline__
 #else
@@ -22,13 +24,6 @@
 #endif
 
 namespace depsep {
-
-// Shapes of one depthwise convolution. padT/padL are the leading paddings; the trailing ones
-// are implied by OH/OW, which lets asymmetric ("same" with even kernels) padding through.
-struct DwGeometry {
-  int64_t N, C, H, W, OH, OW;
-  int32_t kH, kW, sH, sW, padT, padL, dH, dW;
-};
 
 template <bool ChannelsLast>
 DEPSEP_HD int64_t dw_offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t H,

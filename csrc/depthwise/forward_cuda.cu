@@ -6,5 +6,5 @@
 #include "depthwise/depthwise_ops.h"
 
 TORCH_LIBRARY_IMPL(depsep, CUDA, m) {
-  m.impl("depthwise_conv2d_fwd", &depsep::depthwise_conv2d_fwd<depsep::CudaLauncher>);
+  m.impl("depthwise_conv2d_fwd", &depsep::depthwise_conv2d_fwd<depsep::ProgramCompute<depsep::CudaLauncher>>);
 }

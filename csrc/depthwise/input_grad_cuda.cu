@@ -6,5 +6,5 @@
 #include "depthwise/depthwise_ops.h"
 
 TORCH_LIBRARY_IMPL(depsep, CUDA, m) {
-  m.impl("depthwise_conv2d_bwd_input", &depsep::depthwise_conv2d_bwd_input<depsep::CudaLauncher>);
+  m.impl("depthwise_conv2d_bwd_input", &depsep::depthwise_conv2d_bwd_input<depsep::ProgramCompute<depsep::CudaLauncher>>);
 }

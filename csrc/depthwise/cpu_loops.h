@@ -1,0 +1,262 @@
+// CPU loops of the depthwise convolution for channels_last float/double: the fast CPU path.
+//
+// GPU-style per-thread programs run 3-8x slower than oneDNN on a CPU. These loops instead walk
+// one image row at a time, resolve the boundary once per pixel into a short list of valid taps
+// (so the interior needs no per-element checks and no index decoding), and then sweep the
+// contiguous channel dimension with explicit 32-byte vectors, 4 at a time for ILP. Weights are
+// tap-major, [kH*kW][C], so a tap's weights for a channel vector are one load.
+//
+// This header is compiled twice, into namespaces `base` (the build's default ISA) and `avx2`
+// (with `#pragma GCC target("avx2,fma")`), and the caller picks at run time. So it must not
+// include or call anything with external linkage: an inline function shared with other
+// translation units could be merged by the linker into its AVX2 copy. Everything here lives in
+// an anonymous namespace; the entry points are declared in cpu_loops_entry.h.
+#pragma once
+
+#include "depthwise_geometry.h"
+
+namespace {
+
+using depsep::DwGeometry;
+
+template <typename T>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+struct Lanes {
+  using V = typename Vec32<T>::type;
+  static constexpr int kLanes = 32 / sizeof(T);
+
+  static V load(const T* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+  static V zero() { return V{} ; }
+};
+
+// One tap that reaches a pixel: its index in [0, kH*kW) and the element offset of the source
+// pixel (channel 0) it reads.
+struct Tap {
+  int64_t tap;
+  int64_t offset;
+};
+
+// dst[c] = (bias[c]) + sum over taps of src[offset + c] * weight[tap*C + c], for all C.
+// `weight` is tap-major. NV vectors per step keep several independent FMA chains in flight.
+template <typename T, int NV>
+void gather_channels(const Tap* taps, int ntaps, const T* src, const T* weight, const T* bias,
+                     T* dst, int64_t c_begin, int64_t c_end, int64_t C) {
+  using L = Lanes<T>;
+  constexpr int64_t step = static_cast<int64_t>(NV) * L::kLanes;
+  for (int64_t c = c_begin; c + step <= c_end; c += step) {
+    typename L::V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = bias ? L::load(bias + c + v * L::kLanes) : L::zero();
+    for (int t = 0; t < ntaps; ++t) {
+      const T* s = src + taps[t].offset + c;
+      const T* w = weight + taps[t].tap * C + c;
+      for (int v = 0; v < NV; ++v) acc[v] += L::load(s + v * L::kLanes) * L::load(w + v * L::kLanes);
+    }
+    for (int v = 0; v < NV; ++v) L::store(dst + c + v * L::kLanes, acc[v]);
+  }
+}
+
+// gather_channels over all C: 4-vector steps, then single vectors, then scalars.
+template <typename T>
+void gather_pixel(const Tap* taps, int ntaps, const T* src, const T* weight, const T* bias,
+                  T* dst, int64_t C) {
+  constexpr int64_t lanes = Lanes<T>::kLanes;
+  const int64_t c4 = C / (4 * lanes) * (4 * lanes);
+  const int64_t c1 = C / lanes * lanes;
+  gather_channels<T, 4>(taps, ntaps, src, weight, bias, dst, 0, c4, C);
+  gather_channels<T, 1>(taps, ntaps, src, weight, bias, dst, c4, c1, C);
+  for (int64_t c = c1; c < C; ++c) {
+    T acc = bias ? bias[c] : T(0);
+    for (int t = 0; t < ntaps; ++t) acc += src[taps[t].offset + c] * weight[taps[t].tap * C + c];
+    dst[c] = acc;
+  }
+}
+
+// The taps of output pixel (n, oh, ow) that fall inside the input, with their input offsets.
+int forward_taps(const DwGeometry& g, int64_t n, int64_t oh, int64_t ow, Tap* taps) {
+  int count = 0;
+  for (int64_t kh = 0; kh < g.kH; ++kh) {
+    const int64_t ih = oh * g.sH - g.padT + kh * g.dH;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kw = 0; kw < g.kW; ++kw) {
+      const int64_t iw = ow * g.sW - g.padL + kw * g.dW;
+      if (iw < 0 || iw >= g.W) continue;
+      taps[count++] = {kh * g.kW + kw, ((n * g.H + ih) * g.W + iw) * g.C};
+    }
+  }
+  return count;
+}
+
+// The output pixels whose window covers input pixel (n, ih, iw), with their grad_output offsets.
+int input_grad_taps(const DwGeometry& g, int64_t n, int64_t ih, int64_t iw, Tap* taps) {
+  int count = 0;
+  for (int64_t kh = 0; kh < g.kH; ++kh) {
+    const int64_t th = ih + g.padT - kh * g.dH;
+    if (th < 0 || th % g.sH != 0 || th / g.sH >= g.OH) continue;
+    for (int64_t kw = 0; kw < g.kW; ++kw) {
+      const int64_t tw = iw + g.padL - kw * g.dW;
+      if (tw < 0 || tw % g.sW != 0 || tw / g.sW >= g.OW) continue;
+      taps[count++] = {kh * g.kW + kw, ((n * g.OH + th / g.sH) * g.OW + tw / g.sW) * g.C};
+    }
+  }
+  return count;
+}
+
+// Where the whole kernel window of an output row lies inside the input: the row's taps are
+// then one fixed list of offsets relative to the window's corner, computed once per call.
+struct Interior {
+  int64_t ow_begin, ow_end;  // output columns whose window is inside [0, W)
+  int ntaps;                 // kH*kW
+};
+
+Interior forward_interior(const DwGeometry& g, Tap* taps) {
+  int count = 0;
+  for (int64_t kh = 0; kh < g.kH; ++kh)
+    for (int64_t kw = 0; kw < g.kW; ++kw)
+      taps[count++] = {kh * g.kW + kw, (kh * g.dH * g.W + kw * g.dW) * g.C};
+  const int64_t span = static_cast<int64_t>(g.kW - 1) * g.dW;
+  const int64_t begin = (g.padL + g.sW - 1) / g.sW;
+  int64_t end = g.W - 1 - span + g.padL >= 0 ? (g.W - 1 - span + g.padL) / g.sW + 1 : 0;
+  if (end > g.OW) end = g.OW;
+  return {begin, end > begin ? end : begin, count};
+}
+
+bool row_inside(const DwGeometry& g, int64_t oh) {
+  const int64_t top = oh * g.sH - g.padT;
+  return top >= 0 && top + static_cast<int64_t>(g.kH - 1) * g.dH < g.H;
+}
+
+// Calls fn(taps, ntaps, source_base, ow) for every output pixel of row (n, oh): interior
+// pixels share the precomputed tap list, border pixels get their own.
+template <typename Fn>
+void for_each_output_pixel(const DwGeometry& g, int64_t n, int64_t oh, const Tap* interior_taps,
+                           const Interior& in, Tap* border_taps, Fn&& fn) {
+  const bool inside = row_inside(g, oh);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    if (inside && ow >= in.ow_begin && ow < in.ow_end) {
+      const int64_t corner = ((n * g.H + oh * g.sH - g.padT) * g.W + ow * g.sW - g.padL) * g.C;
+      fn(interior_taps, in.ntaps, corner, ow);
+    } else {
+      fn(border_taps, forward_taps(g, n, oh, ow, border_taps), int64_t(0), ow);
+    }
+  }
+}
+
+template <typename T>
+void forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, T* output,
+                  int64_t row_begin, int64_t row_end, Tap* scratch) {
+  Tap* interior_taps = scratch;
+  Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
+  const Interior in = forward_interior(g, interior_taps);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t n = r / g.OH, oh = r % g.OH;
+    for_each_output_pixel(g, n, oh, interior_taps, in, border_taps,
+                          [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
+                            gather_pixel(taps, ntaps, input + base, weight, bias,
+                                         output + (r * g.OW + ow) * g.C, g.C);
+                          });
+  }
+}
+
+template <typename T>
+void input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight, T* grad_input,
+                     int64_t row_begin, int64_t row_end, Tap* scratch) {
+  // With stride 1 every tap of an interior pixel hits an output pixel, at a fixed offset
+  // from (ih + padT, iw + padL); with larger strides the valid taps vary pixel by pixel.
+  Tap* interior_taps = scratch;
+  Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
+  const bool unit_stride = g.sH == 1 && g.sW == 1;
+  int ntaps_interior = 0;
+  for (int64_t kh = 0; kh < g.kH; ++kh)
+    for (int64_t kw = 0; kw < g.kW; ++kw)
+      interior_taps[ntaps_interior++] = {kh * g.kW + kw, -(kh * g.dH * g.OW + kw * g.dW) * g.C};
+  const int64_t h_span = static_cast<int64_t>(g.kH - 1) * g.dH;
+  const int64_t w_span = static_cast<int64_t>(g.kW - 1) * g.dW;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t n = r / g.H, ih = r % g.H;
+    const bool row_in = unit_stride && ih + g.padT - h_span >= 0 && ih + g.padT < g.OH;
+    for (int64_t iw = 0; iw < g.W; ++iw) {
+      T* dst = grad_input + (r * g.W + iw) * g.C;
+      if (row_in && iw + g.padL - w_span >= 0 && iw + g.padL < g.OW) {
+        const int64_t corner = ((n * g.OH + ih + g.padT) * g.OW + iw + g.padL) * g.C;
+        gather_pixel<T>(interior_taps, ntaps_interior, grad_output + corner, weight, nullptr,
+                        dst, g.C);
+      } else {
+        const int ntaps = input_grad_taps(g, n, ih, iw, border_taps);
+        gather_pixel<T>(border_taps, ntaps, grad_output, weight, nullptr, dst, g.C);
+      }
+    }
+  }
+}
+
+// partial[tap*C + c] += grad_output[pixel, c] * input[tap's source, c] for every output pixel
+// of output rows [row_begin, row_end); partial[kH*kW*C + c] += grad_output (the bias).
+template <typename T>
+void weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input, T* partial,
+                      int64_t row_begin, int64_t row_end, Tap* scratch) {
+  using L = Lanes<T>;
+  const int64_t C = g.C, c_vec = C / L::kLanes * L::kLanes;
+  T* bias_partial = partial + static_cast<int64_t>(g.kH) * g.kW * C;
+  Tap* interior_taps = scratch;
+  Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
+  const Interior in = forward_interior(g, interior_taps);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t n = r / g.OH, oh = r % g.OH;
+    for_each_output_pixel(
+        g, n, oh, interior_taps, in, border_taps,
+        [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
+          const T* go = grad_output + (r * g.OW + ow) * C;
+          const T* src = input + base;
+          for (int64_t c = 0; c < c_vec; c += L::kLanes) {
+            const typename L::V gv = L::load(go + c);
+            for (int t = 0; t < ntaps; ++t) {
+              T* p = partial + taps[t].tap * C + c;
+              L::store(p, L::load(p) + gv * L::load(src + taps[t].offset + c));
+            }
+            L::store(bias_partial + c, L::load(bias_partial + c) + gv);
+          }
+          for (int64_t c = c_vec; c < C; ++c) {
+            for (int t = 0; t < ntaps; ++t)
+              partial[taps[t].tap * C + c] += go[c] * src[taps[t].offset + c];
+            bias_partial[c] += go[c];
+          }
+        });
+  }
+}
+
+}  // namespace
+
+// Entry points of one ISA namespace (DEPSEP_CPU_ISA), declared in cpu_loops_entry.h.
+#define DEPSEP_DEFINE_CPU_LOOPS(T)                                                              \
+  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight,            \
+                              const T* bias, T* output, int64_t row_begin, int64_t row_end,    \
+                              void* scratch) {                                                  \
+    forward_rows<T>(g, input, weight, bias, output, row_begin, row_end,                        \
+                    static_cast<Tap*>(scratch));                                                \
+  }                                                                                             \
+  void depthwise_input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,    \
+                                 T* grad_input, int64_t row_begin, int64_t row_end,            \
+                                 void* scratch) {                                               \
+    input_grad_rows<T>(g, grad_output, weight, grad_input, row_begin, row_end,                 \
+                       static_cast<Tap*>(scratch));                                             \
+  }                                                                                             \
+  void depthwise_weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,    \
+                                  T* partial, int64_t row_begin, int64_t row_end,              \
+                                  void* scratch) {                                              \
+    weight_grad_rows<T>(g, grad_output, input, partial, row_begin, row_end,                    \
+                        static_cast<Tap*>(scratch));                                            \
+  }
