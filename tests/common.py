@@ -29,15 +29,26 @@ def usable_backends(device: str) -> list[str]:
     ]
 
 
+def _backend_marks(name: str, device: str):
+    """gpu on cuda; a skip with the reason where the backend cannot run."""
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    why = kernels.available_backends(device)[name] if device != "cuda" or HAS_CUDA else None
+    if why:
+        marks.append(pytest.mark.skip(reason=why))
+    return marks
+
+
+def backend_param(name: str, device: str):
+    """A (backend, device) pytest param for one backend on one device."""
+    return pytest.param(name, device, marks=_backend_marks(name, device), id=f"{name}-{device}")
+
+
 def backend_params(device: str):
-    """pytest params of every fast backend, skipped (with the reason) where it cannot run."""
-    reasons = kernels.available_backends(device) if device != "cuda" or HAS_CUDA else {}
-    params = []
-    for name in ("native", "triton"):
-        why = reasons.get(name, "needs a CUDA device")
-        marks = [pytest.mark.skip(reason=why)] if why else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    """A pytest param for each fast backend on `device`."""
+    return [
+        pytest.param(name, marks=_backend_marks(name, device), id=name)
+        for name in ("native", "triton")
+    ]
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,7 @@ class DepthwiseCase:
     w: int
     kernel: tuple[int, int]
     stride: object = 1
-    padding: object = 0
+    padding: object = 0  # as F.conv2d takes it, or (top, bottom, left, right): the ops' own form
     dilation: object = 1
     bias: bool = True
     layout: str = "nchw"  # nchw | channels_last | sliced (a non-contiguous view)
@@ -105,16 +116,26 @@ def depthwise_cases() -> list[DepthwiseCase]:
         DepthwiseCase(2, 4, 6, 6, (3, 3), 1, "valid", 1, True, "sliced"),
         DepthwiseCase(1, 8, 1, 1, (3, 3), 1, 1, 1, True, "channels_last"),
         DepthwiseCase(2, 6, 5, 5, (3, 3), 3, 4, 1, True, "nchw"),  # padding wider than the kernel
+        DepthwiseCase(2, 8, 9, 7, (3, 3), 2, (0, 2, 3, 1), 1, True, "channels_last"),
+        DepthwiseCase(2, 5, 6, 7, (3, 2), (2, 1), (0, 2, 3, 1), (1, 2), False, "sliced"),
     ]
     return cases
 
 
 def interpreter_cases() -> list[DepthwiseCase]:
-    """A few cases for the Triton interpreter, which costs ~25 ms per program instance."""
+    """Tiny cases for the Triton interpreter (~25 ms per program instance): every NCHW plane
+    and channels_last pixel block is one program. Odd C leaves a partial channel block."""
     return [
         DepthwiseCase(1, 8, 6, 5, (3, 3), 1, (1, 2), 1, True, "channels_last"),
         DepthwiseCase(2, 3, 5, 6, (3, 2), 2, 1, (1, 2), False, "nchw"),
         DepthwiseCase(1, 4, 5, 5, (5, 5), 1, "same", 1, True, "sliced"),
+        DepthwiseCase(2, 16, 7, 9, (3, 3), 1, 1, 1, True, "channels_last"),
+        DepthwiseCase(2, 8, 9, 9, (5, 5), 2, (0, 1, 2, 1), 1, True, "channels_last"),
+        DepthwiseCase(2, 5, 6, 7, (3, 2), (2, 1), (0, 2, 3, 1), (1, 2), False, "channels_last"),
+        DepthwiseCase(2, 24, 8, 9, (3, 3), 1, 2, 2, True, "channels_last"),
+        DepthwiseCase(2, 5, 5, 6, (3, 3), 2, (4, 3, 0, 5), 1, True, "channels_last"),
+        DepthwiseCase(1, 3, 5, 4, (1, 1), 1, (1, 0, 0, 2), 1, False, "nchw"),
+        DepthwiseCase(1, 4, 1, 1, (3, 3), 1, 1, 1, True, "nchw"),
     ]
 
 

@@ -11,22 +11,42 @@ from .common import (
     HAS_CUDA,
     TOLERANCES,
     DepthwiseCase,
+    backend_param,
     backend_params,
     depthwise_cases,
     interpreter_cases,
 )
 
+OPS = {"native": "", "triton": "triton_", "host_programs": "_host_programs_"}
+
+
+def op(backend: str, which: str):
+    """torch.ops.depsep.<prefix>depthwise_conv2d_<which> of a backend; "host_programs" are the
+    CUDA kernels' thread programs run on the host (test-only CPU ops)."""
+    return getattr(torch.ops.depsep, f"{OPS[backend]}depthwise_conv2d_{which}")
+
+
+def pair(value) -> list[int]:
+    return list(value) if isinstance(value, tuple) else [value, value]
+
 
 def depthwise(case: DepthwiseCase, backend: str, x, w, b):
-    """The case's convolution by `backend`, or by "host_programs": the CUDA kernels' thread
-    programs run on the host through the test-only ops (forward and both backward ops)."""
+    """The case's convolution: through the public function where its padding is in F.conv2d's
+    form, straight through the backend's op for a (top, bottom, left, right) padding."""
+    four_sided = isinstance(case.padding, tuple) and len(case.padding) == 4
     if backend == "torch":
-        return reference.depthwise_conv2d(x, w, b, **case.conv_args())
-    if backend == "host_programs":
-        geometry = _validate.depthwise_args("test", x, w, b, **case.conv_args())
-        return torch.ops.depsep._host_programs_depthwise_conv2d_fwd(
-            x, w, b, list(geometry.stride), list(geometry.padding), list(geometry.dilation)
-        )
+        if four_sided:
+            top, bottom, left, right = case.padding
+            x = F.pad(x, (left, right, top, bottom))
+        args = {**case.conv_args(), "padding": 0} if four_sided else case.conv_args()
+        return reference.depthwise_conv2d(x, w, b, **args)
+    if four_sided or backend == "host_programs":
+        if four_sided:
+            stride, padding, dilation = pair(case.stride), list(case.padding), pair(case.dilation)
+        else:
+            g = _validate.depthwise_args("test", x, w, b, **case.conv_args())
+            stride, padding, dilation = list(g.stride), list(g.padding), list(g.dilation)
+        return op(backend, "fwd")(x, w, b, stride, padding, dilation)
     return kernels.depthwise_conv2d(x, w, b, **case.conv_args(), backend=backend)
 
 
@@ -42,7 +62,7 @@ def run_with_grads(case: DepthwiseCase, backend, device="cpu", dtype=torch.float
 
     exact = [t.detach().double().requires_grad_() for t in inputs]
     x64, w64, b64 = exact[0], exact[1], exact[2] if b is not None else None
-    ref = reference.depthwise_conv2d(x64, w64, b64, **case.conv_args())
+    ref = depthwise(case, "torch", x64, w64, b64)
     ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
     return (out, grads), (ref.to(dtype), [g.to(dtype) for g in ref_grads])
 
@@ -91,6 +111,12 @@ def test_triton_interpreter_matches_reference(case, backend):
     assert_matches_reference(case, backend)
 
 
+@pytest.mark.parametrize("backend", backend_params("cpu")[1:])
+@pytest.mark.parametrize("case", interpreter_cases()[:2], ids=str)
+def test_triton_interpreter_float64(case, backend):
+    assert_matches_reference(case, backend, dtype=torch.float64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", backend_params("cuda"))
@@ -134,35 +160,43 @@ def test_bias_gradient_alone():
     torch.testing.assert_close(grad, torch.full_like(b, 2 * 5 * 5 * 2))
 
 
-def _opcheck_samples(device):
+def _opcheck_samples(backend, device):
     case = DepthwiseCase(2, 8, 7, 6, (3, 3), 2, 1, 1, True, "channels_last")
     x, w, b = case.make(device, requires_grad=True)
-    geometry = ([2, 2], [1, 1, 1, 1], [1, 1])
-    go = torch.randn(2, 8, 4, 3, device=device)
+    geometry = ([2, 2], [1, 0, 2, 1], [1, 1])
+    go = torch.randn(2, 8, 3, 4, device=device)
     return [
-        (torch.ops.depsep.depthwise_conv2d_fwd.default, (x, w, b, *geometry)),
-        (torch.ops.depsep.depthwise_conv2d_fwd.default, (x.contiguous(), w, None, *geometry)),
-        (torch.ops.depsep.depthwise_conv2d_bwd_input.default, (go, w, [2, 8, 7, 6], *geometry)),
-        (
-            torch.ops.depsep.depthwise_conv2d_bwd_weight.default,
-            (go, x.detach(), [3, 3], *geometry, True),
-        ),
+        (op(backend, "fwd").default, (x, w, b, *geometry)),
+        (op(backend, "fwd").default, (x.contiguous(), w, None, *geometry)),
+        (op(backend, "bwd_input").default, (go, w, [2, 8, 7, 6], *geometry)),
+        (op(backend, "bwd_weight").default, (go, x.detach(), [3, 3], *geometry, True)),
     ]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_opcheck_native(device):
-    for op, args in _opcheck_samples(device):
-        torch.library.opcheck(op, args)
+# Triton under the interpreter is left out: opcheck's fake-tensor check cannot run a
+# triton_op body there (it touches storage); its opcheck runs on the GPU.
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        backend_param("native", "cpu"),
+        backend_param("native", "cuda"),
+        backend_param("triton", "cuda"),
+    ],
+)
+def test_opcheck(backend, device):
+    for operator, args in _opcheck_samples(backend, device):
+        torch.library.opcheck(operator, args)
 
 
-def test_compile_fullgraph_cpu():
-    """torch.compile sees the op through its fake kernel: no graph break, same numbers."""
+@pytest.mark.parametrize("backend", [None, "native"])
+def test_compile_fullgraph_cpu(backend):
+    """torch.compile traces backend choice and the op (through its fake kernel): no graph
+    break, same numbers."""
     case = DepthwiseCase(2, 8, 9, 9, (3, 3), 1, 1, 1, True, "channels_last")
     x, w, b = case.make()
 
     def block(x, w, b):
-        return torch.relu(kernels.depthwise_conv2d(x, w, b, padding=1, backend="native")) * 2
+        return torch.relu(kernels.depthwise_conv2d(x, w, b, padding=1, backend=backend)) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -195,23 +229,55 @@ def test_weight_gradient_is_deterministic_across_thread_counts():
     case = DepthwiseCase(4, 16, 24, 24, (3, 3), 1, 1, 1, True, "channels_last")
     x, w, _ = case.make()
     go = torch.randn(4, 16, 24, 24).contiguous(memory_format=torch.channels_last)
-    op = torch.ops.depsep.depthwise_conv2d_bwd_weight
     threads = torch.get_num_threads()
+    results = []
     try:
-        results = []
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            results += [op(go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True) for _ in range(2)]
+        for backend in ("native", "host_programs"):
+            for n in (1, max(2, threads)):
+                torch.set_num_threads(n)
+                grads = op(backend, "bwd_weight")(go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True)
+                results.append((backend, grads))
     finally:
         torch.set_num_threads(threads)
-    for grad_weight, grad_bias in results[1:]:
-        assert torch.equal(grad_weight, results[0][0]) and torch.equal(grad_bias, results[0][1])
+    for backend, (grad_weight, grad_bias) in results:
+        first = next(g for name, g in results if name == backend)
+        assert torch.equal(grad_weight, first[0]) and torch.equal(grad_bias, first[1]), backend
 
 
-def test_empty_batch_returns_empty_result_and_zero_grads():
-    case = DepthwiseCase(0, 4, 5, 5, (3, 3), 1, 1, 1, True, "channels_last")
+@pytest.mark.parametrize(
+    "backend,device",
+    [backend_param(name, device) for device in ("cpu", "cuda") for name in ("native", "triton")],
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weight_gradient_is_deterministic(backend, device, layout):
+    """Run twice, bitwise equal; on a GPU at a size with many partial chunks."""
+    big = device == "cuda"
+    case = DepthwiseCase(
+        16 if big else 2,
+        64 if big else 5,
+        56 if big else 17,
+        56 if big else 17,
+        (3, 3),
+        1,
+        1,
+        1,
+        True,
+        layout,
+    )
+    dtype = torch.bfloat16 if big else torch.float32
+    x, _, _ = case.make(device, dtype)
+    go = torch.randn_like(x)
+    args = (go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True)
+    first, second = op(backend, "bwd_weight")(*args), op(backend, "bwd_weight")(*args)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_batch_returns_empty_result_and_zero_grads(backend, layout):
+    case = DepthwiseCase(0, 4, 5, 5, (3, 3), 1, 1, 1, True, layout)
     x, w, b = case.make(requires_grad=True)
-    out = kernels.depthwise_conv2d(x, w, b, padding=1, backend="native")
+    out = kernels.depthwise_conv2d(x, w, b, padding=1, backend=backend)
     assert out.shape == (0, 4, 5, 5)
     out.sum().backward()
     torch.testing.assert_close(w.grad, torch.zeros_like(w))
