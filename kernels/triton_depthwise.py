@@ -31,6 +31,9 @@ from ._layout import memory_format as suggest_memory_format
 
 # Under the interpreter every program instance costs ~25 ms: one fixed config, no benchmarking.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# DEPSEP_TRITON_AUTOTUNE=0 keeps the first GPU config instead of benchmarking them all, so a
+# test suite of many shapes compiles each kernel once (the benchmarks autotune).
+_AUTOTUNE = os.environ.get("DEPSEP_TRITON_AUTOTUNE", "1") != "0"
 
 # Weight-gradient chunking: a chunk covers at least this many output pixels, so the partial
 # buffer stays a few percent of the activations, and there are at most this many chunks.
@@ -39,8 +42,9 @@ _WGRAD_MAX_CHUNKS = 1024
 
 
 def _configs(gpu, interpret):
-    """Autotune candidates: `gpu` on a GPU, the single `interpret` config under the interpreter."""
-    chosen = [interpret] if _INTERPRET else gpu
+    """Autotune candidates: `gpu` on a GPU (only its first without autotuning), the single
+    `interpret` config under the interpreter."""
+    chosen = [interpret] if _INTERPRET else gpu if _AUTOTUNE else gpu[:1]
     return [triton.Config(kwargs, num_warps=num_warps) for kwargs, num_warps in chosen]
 
 

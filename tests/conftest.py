@@ -1,12 +1,15 @@
 """Test set-up: without a GPU, Triton kernels run on CPU tensors under the interpreter, which
-must be switched on before triton is first imported (i.e. before `import kernels`)."""
+must be switched on before triton is first imported (i.e. before `import kernels`). With a GPU,
+Triton kernels use one config instead of autotuning each of the many test shapes."""
 
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    os.environ.setdefault("DEPSEP_TRITON_AUTOTUNE", "0")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -117,11 +117,21 @@ def test_triton_interpreter_float64(case, backend):
     assert_matches_reference(case, backend, dtype=torch.float64)
 
 
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", depthwise_cases(), ids=str)
-def test_cuda_matches_reference(case, backend, dtype):
+def test_native_cuda_matches_reference(case, dtype):
+    assert_matches_reference(case, "native", "cuda", dtype)
+
+
+# Every new shape compiles the Triton kernels again: the interpreter's grid keeps it short.
+@pytest.mark.parametrize("backend", backend_params("cuda")[1:])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", interpreter_cases(), ids=str)
+def test_triton_cuda_matches_reference(case, dtype, backend):
     assert_matches_reference(case, backend, "cuda", dtype)
 
 
@@ -209,6 +219,10 @@ def test_compile_fullgraph_cpu(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backend_params("cuda"))
 def test_compile_inductor_cuda(backend):
+    """Inductor compiles a block with the fast op, forward and backward, without graph breaks;
+    with the Triton backend the generated code launches our Triton kernels themselves."""
+    from torch._inductor.utils import run_and_get_code
+
     case = DepthwiseCase(4, 32, 16, 16, (3, 3), 1, 1, 1, True, "channels_last")
     x, w, b = case.make("cuda", requires_grad=True)
 
@@ -216,12 +230,22 @@ def test_compile_inductor_cuda(backend):
         return torch.relu(kernels.depthwise_conv2d(x, w, b, padding=1, backend=backend))
 
     torch._dynamo.reset()
-    out = torch.compile(block, fullgraph=True)(x, w, b)
+    compiled = torch.compile(block, fullgraph=True)
+
+    def step():
+        out = compiled(x, w, b)
+        out.sum().backward()
+        return out
+
+    out, code = run_and_get_code(step)
     torch.testing.assert_close(
         out, torch.relu(F.conv2d(x, w, b, 1, 1, 1, 32)), **TOLERANCES[x.dtype]
     )
-    out.sum().backward()
-    assert x.grad is not None and w.grad is not None
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    if backend == "triton":
+        generated = "\n".join(code)
+        for kernel in ("_depthwise_gather_nhwc_kernel", "_depthwise_wgrad_partial_nhwc_kernel"):
+            assert kernel in generated, f"{kernel} missing from the compiled code"
 
 
 def test_weight_gradient_is_deterministic_across_thread_counts():
