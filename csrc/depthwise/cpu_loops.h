@@ -144,20 +144,60 @@ bool row_inside(const DwGeometry& g, int64_t oh) {
   return top >= 0 && top + static_cast<int64_t>(g.kH - 1) * g.dH < g.H;
 }
 
-// Calls fn(taps, ntaps, source_base, ow) for every output pixel of row (n, oh): interior
+// 3x3 interior pixels go kStrip at a time: a channel vector's 9 weights (or 9 weight-gradient
+// accumulators) are loaded into registers once and serve kStrip pixels, about one load per FMA
+// instead of two.
+constexpr int kStrip = 4;
+constexpr int kTaps3x3 = 9;
+
+// Calls single(taps, ntaps, source_base, ow) for each output pixel of row (n, oh), or
+// strip(source_base, ow) for kStrip interior pixels at once where `strips` allows. Interior
 // pixels share the precomputed tap list, border pixels get their own.
-template <typename Fn>
+template <typename Single, typename Strip>
 void for_each_output_pixel(const DwGeometry& g, int64_t n, int64_t oh, const Tap* interior_taps,
-                           const Interior& in, Tap* border_taps, Fn&& fn) {
+                           const Interior& in, Tap* border_taps, bool strips, Single&& single,
+                           Strip&& strip) {
   const bool inside = row_inside(g, oh);
-  for (int64_t ow = 0; ow < g.OW; ++ow) {
+  const int64_t row_corner = (n * g.H + oh * g.sH - g.padT) * g.W - g.padL;
+  for (int64_t ow = 0; ow < g.OW;) {
     if (inside && ow >= in.ow_begin && ow < in.ow_end) {
-      const int64_t corner = ((n * g.H + oh * g.sH - g.padT) * g.W + ow * g.sW - g.padL) * g.C;
-      fn(interior_taps, in.ntaps, corner, ow);
+      const int64_t corner = (row_corner + ow * g.sW) * g.C;
+      if (strips && ow + kStrip <= in.ow_end) {
+        strip(corner, ow);
+        ow += kStrip;
+        continue;
+      }
+      single(interior_taps, in.ntaps, corner, ow);
     } else {
-      fn(border_taps, forward_taps(g, n, oh, ow, border_taps), int64_t(0), ow);
+      single(border_taps, forward_taps(g, n, oh, ow, border_taps), int64_t(0), ow);
     }
+    ++ow;
   }
+}
+
+// dst[j*dst_step + c] = bias[c] + sum_t src[j*src_step + taps[t].offset + c] * w[t][c] for
+// kStrip pixels j and all C, with the NT taps' weights held in registers.
+template <typename T, int NT>
+void gather_strip(const Tap* taps, const T* src, int64_t src_step, const T* weight,
+                  const T* bias, T* dst, int64_t dst_step, int64_t C) {
+  using L = Lanes<T>;
+  const int64_t c_vec = C / L::kLanes * L::kLanes;
+  for (int64_t c = 0; c < c_vec; c += L::kLanes) {
+    typename L::V w[NT], acc[kStrip];
+    for (int t = 0; t < NT; ++t) w[t] = L::load(weight + taps[t].tap * C + c);
+    const typename L::V b = bias ? L::load(bias + c) : L::zero();
+    for (int j = 0; j < kStrip; ++j) acc[j] = b;
+    for (int t = 0; t < NT; ++t)
+      for (int j = 0; j < kStrip; ++j)
+        acc[j] += L::load(src + j * src_step + taps[t].offset + c) * w[t];
+    for (int j = 0; j < kStrip; ++j) L::store(dst + j * dst_step + c, acc[j]);
+  }
+  for (int64_t c = c_vec; c < C; ++c)
+    for (int j = 0; j < kStrip; ++j) {
+      T acc = bias ? bias[c] : T(0);
+      for (int t = 0; t < NT; ++t) acc += src[j * src_step + taps[t].offset + c] * weight[taps[t].tap * C + c];
+      dst[j * dst_step + c] = acc;
+    }
 }
 
 template <typename T>
@@ -166,13 +206,19 @@ void forward_rows(const DwGeometry& g, const T* input, const T* weight, const T*
   Tap* interior_taps = scratch;
   Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
   const Interior in = forward_interior(g, interior_taps);
+  const bool strips = in.ntaps == kTaps3x3;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.OH, oh = r % g.OH;
-    for_each_output_pixel(g, n, oh, interior_taps, in, border_taps,
-                          [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
-                            gather_pixel(taps, ntaps, input + base, weight, bias,
-                                         output + (r * g.OW + ow) * g.C, g.C);
-                          });
+    T* out_row = output + r * g.OW * g.C;
+    for_each_output_pixel(
+        g, n, oh, interior_taps, in, border_taps, strips,
+        [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
+          gather_pixel(taps, ntaps, input + base, weight, bias, out_row + ow * g.C, g.C);
+        },
+        [&](int64_t base, int64_t ow) {
+          gather_strip<T, kTaps3x3>(interior_taps, input + base, g.sW * g.C, weight, bias,
+                                    out_row + ow * g.C, g.C, g.C);
+        });
   }
 }
 
@@ -188,23 +234,60 @@ void input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,
   for (int64_t kh = 0; kh < g.kH; ++kh)
     for (int64_t kw = 0; kw < g.kW; ++kw)
       interior_taps[ntaps_interior++] = {kh * g.kW + kw, -(kh * g.dH * g.OW + kw * g.dW) * g.C};
+  const bool strips = ntaps_interior == kTaps3x3;
   const int64_t h_span = static_cast<int64_t>(g.kH - 1) * g.dH;
   const int64_t w_span = static_cast<int64_t>(g.kW - 1) * g.dW;
+  // Interior columns: iw + padL - w_span >= 0 and iw + padL < OW.
+  const int64_t iw_begin = w_span - g.padL > 0 ? w_span - g.padL : 0;
+  const int64_t iw_end = g.OW - g.padL < g.W ? g.OW - g.padL : g.W;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.H, ih = r % g.H;
     const bool row_in = unit_stride && ih + g.padT - h_span >= 0 && ih + g.padT < g.OH;
-    for (int64_t iw = 0; iw < g.W; ++iw) {
+    const int64_t go_row = (n * g.OH + ih + g.padT) * g.OW + g.padL;
+    for (int64_t iw = 0; iw < g.W;) {
       T* dst = grad_input + (r * g.W + iw) * g.C;
-      if (row_in && iw + g.padL - w_span >= 0 && iw + g.padL < g.OW) {
-        const int64_t corner = ((n * g.OH + ih + g.padT) * g.OW + iw + g.padL) * g.C;
-        gather_pixel<T>(interior_taps, ntaps_interior, grad_output + corner, weight, nullptr,
-                        dst, g.C);
+      if (row_in && iw >= iw_begin && iw < iw_end) {
+        const T* src = grad_output + (go_row + iw) * g.C;
+        if (strips && iw + kStrip <= iw_end) {
+          gather_strip<T, kTaps3x3>(interior_taps, src, g.C, weight, nullptr, dst, g.C, g.C);
+          iw += kStrip;
+          continue;
+        }
+        gather_pixel<T>(interior_taps, ntaps_interior, src, weight, nullptr, dst, g.C);
       } else {
         const int ntaps = input_grad_taps(g, n, ih, iw, border_taps);
         gather_pixel<T>(border_taps, ntaps, grad_output, weight, nullptr, dst, g.C);
       }
+      ++iw;
     }
   }
+}
+
+// partial[t][c] += sum_j go[j*go_step + c] * src[j*src_step + taps[t].offset + c] for kStrip
+// pixels, and the bias row += go; the NT accumulators of a channel vector stay in registers.
+template <typename T, int NT>
+void accumulate_strip(const Tap* taps, const T* src, int64_t src_step, const T* go,
+                      int64_t go_step, T* partial, T* bias_partial, int64_t C) {
+  using L = Lanes<T>;
+  const int64_t c_vec = C / L::kLanes * L::kLanes;
+  for (int64_t c = 0; c < c_vec; c += L::kLanes) {
+    typename L::V acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = L::load(partial + taps[t].tap * C + c);
+    typename L::V bias_acc = L::load(bias_partial + c);
+    for (int j = 0; j < kStrip; ++j) {
+      const typename L::V gv = L::load(go + j * go_step + c);
+      bias_acc += gv;
+      for (int t = 0; t < NT; ++t) acc[t] += gv * L::load(src + j * src_step + taps[t].offset + c);
+    }
+    for (int t = 0; t < NT; ++t) L::store(partial + taps[t].tap * C + c, acc[t]);
+    L::store(bias_partial + c, bias_acc);
+  }
+  for (int64_t c = c_vec; c < C; ++c)
+    for (int j = 0; j < kStrip; ++j) {
+      for (int t = 0; t < NT; ++t)
+        partial[taps[t].tap * C + c] += go[j * go_step + c] * src[j * src_step + taps[t].offset + c];
+      bias_partial[c] += go[j * go_step + c];
+    }
 }
 
 // partial[tap*C + c] += grad_output[pixel, c] * input[tap's source, c] for every output pixel
@@ -218,10 +301,11 @@ void weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,
   Tap* interior_taps = scratch;
   Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
   const Interior in = forward_interior(g, interior_taps);
+  const bool strips = in.ntaps == kTaps3x3;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.OH, oh = r % g.OH;
     for_each_output_pixel(
-        g, n, oh, interior_taps, in, border_taps,
+        g, n, oh, interior_taps, in, border_taps, strips,
         [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
           const T* go = grad_output + (r * g.OW + ow) * C;
           const T* src = input + base;
@@ -238,6 +322,11 @@ void weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,
               partial[taps[t].tap * C + c] += go[c] * src[taps[t].offset + c];
             bias_partial[c] += go[c];
           }
+        },
+        [&](int64_t base, int64_t ow) {
+          accumulate_strip<T, kTaps3x3>(interior_taps, input + base, g.sW * C,
+                                        grad_output + (r * g.OW + ow) * C, C, partial,
+                                        bias_partial, C);
         });
   }
 }
