@@ -78,3 +78,14 @@ def test_direct_op_call_with_bad_geometry_raises_instead_of_crashing():
         op(x, torch.randn(3, 1, 3, 3), None, [1, 1], [1, 1, 1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="larger than the padded input"):
         op(x, torch.randn(4, 1, 9, 9), None, [1, 1], [0, 0, 0, 0], [1, 1])
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu")[:1])
+def test_expanded_and_sliced_tensors_are_computed_correctly(backend):
+    """Stride-0 (expanded) input and bias, and a strided weight, give the reference result."""
+    x = torch.randn(1, 4, 6, 7).expand(3, 4, 6, 7)
+    weight = torch.randn(4, 1, 3, 6)[..., ::2]
+    bias = torch.randn(1).expand(4)
+    out = kernels.depthwise_conv2d(x, weight, bias, padding=1, backend=backend)
+    ref = torch.nn.functional.conv2d(x, weight, bias, 1, 1, 1, 4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

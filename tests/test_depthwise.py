@@ -112,9 +112,10 @@ def test_triton_interpreter_matches_reference(case, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu")[1:])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("case", interpreter_cases()[:2], ids=str)
-def test_triton_interpreter_float64(case, backend):
-    assert_matches_reference(case, backend, dtype=torch.float64)
+def test_triton_interpreter_other_dtypes(case, dtype, backend):
+    assert_matches_reference(case, backend, dtype=dtype)
 
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

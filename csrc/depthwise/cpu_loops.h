@@ -1,23 +1,20 @@
 // CPU loops of the depthwise convolution for channels_last float/double: the fast CPU path.
 //
-// GPU-style per-thread programs run 3-8x slower than oneDNN on a CPU. These loops instead walk
-// one image row at a time, resolve the boundary once per pixel into a short list of valid taps
-// (so the interior needs no per-element checks and no index decoding), and then sweep the
-// contiguous channel dimension with explicit 32-byte vectors, 4 at a time for ILP. Weights are
-// tap-major, [kH*kW][C], so a tap's weights for a channel vector are one load.
+// GPU-style per-thread programs ran 3-8x slower than oneDNN here. These loops walk one image
+// row at a time with no index decoding: border pixels resolve their valid taps into a short
+// list, interior pixels share one precomputed list (no per-element checks), and 3x3 interior
+// pixels go four at a time with the channel vector's 9 weights in registers. The contiguous
+// channel dimension is swept with explicit 32-byte vectors. Weights are tap-major, [kH*kW][C],
+// so a tap's weights for a channel vector are one load.
 //
-// This header is compiled twice, into namespaces `base` (the build's default ISA) and `avx2`
-// (with `#pragma GCC target("avx2,fma")`), and the caller picks at run time. So it must not
-// include or call anything with external linkage: an inline function shared with other
-// translation units could be merged by the linker into its AVX2 copy. Everything here lives in
-// an anonymous namespace; the entry points are declared in cpu_loops_entry.h.
+// This header is compiled twice, into namespaces `cpu_base` (the build's default ISA) and
+// `cpu_avx2` (with `#pragma GCC target("avx2,fma")`), and the caller picks at run time. So it
+// must not include or call anything with external linkage: an inline function shared with
+// other translation units could be merged by the linker into its AVX2 copy. Everything here
+// lives in an anonymous namespace; the entry points are declared in cpu_loops_entry.h.
 #pragma once
 
 #include "depthwise_geometry.h"
-
-// The 32-byte vector helpers are internal and always inlined, so the ABI note GCC gives for
-// them in the non-AVX build does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace {
 
@@ -45,7 +42,7 @@ struct Lanes {
     return v;
   }
   static void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
-  static V zero() { return V{} ; }
+  static V zero() { return V{}; }
 };
 
 // One tap that reaches a pixel: its index in [0, kH*kW) and the element offset of the source
@@ -68,7 +65,8 @@ void gather_channels(const Tap* taps, int ntaps, const T* src, const T* weight, 
     for (int t = 0; t < ntaps; ++t) {
       const T* s = src + taps[t].offset + c;
       const T* w = weight + taps[t].tap * C + c;
-      for (int v = 0; v < NV; ++v) acc[v] += L::load(s + v * L::kLanes) * L::load(w + v * L::kLanes);
+      for (int v = 0; v < NV; ++v)
+        acc[v] += L::load(s + v * L::kLanes) * L::load(w + v * L::kLanes);
     }
     for (int v = 0; v < NV; ++v) L::store(dst + c + v * L::kLanes, acc[v]);
   }
@@ -76,8 +74,8 @@ void gather_channels(const Tap* taps, int ntaps, const T* src, const T* weight, 
 
 // gather_channels over all C: 4-vector steps, then single vectors, then scalars.
 template <typename T>
-void gather_pixel(const Tap* taps, int ntaps, const T* src, const T* weight, const T* bias,
-                  T* dst, int64_t C) {
+void gather_pixel(const Tap* taps, int ntaps, const T* src, const T* weight, const T* bias, T* dst,
+                  int64_t C) {
   constexpr int64_t lanes = Lanes<T>::kLanes;
   const int64_t c4 = C / (4 * lanes) * (4 * lanes);
   const int64_t c1 = C / lanes * lanes;
@@ -178,8 +176,8 @@ void for_each_output_pixel(const DwGeometry& g, int64_t n, int64_t oh, const Tap
 // dst[j*dst_step + c] = bias[c] + sum_t src[j*src_step + taps[t].offset + c] * w[t][c] for
 // kStrip pixels j and all C, with the NT taps' weights held in registers.
 template <typename T, int NT>
-void gather_strip(const Tap* taps, const T* src, int64_t src_step, const T* weight,
-                  const T* bias, T* dst, int64_t dst_step, int64_t C) {
+void gather_strip(const Tap* taps, const T* src, int64_t src_step, const T* weight, const T* bias,
+                  T* dst, int64_t dst_step, int64_t C) {
   using L = Lanes<T>;
   const int64_t c_vec = C / L::kLanes * L::kLanes;
   for (int64_t c = 0; c < c_vec; c += L::kLanes) {
@@ -195,7 +193,8 @@ void gather_strip(const Tap* taps, const T* src, int64_t src_step, const T* weig
   for (int64_t c = c_vec; c < C; ++c)
     for (int j = 0; j < kStrip; ++j) {
       T acc = bias ? bias[c] : T(0);
-      for (int t = 0; t < NT; ++t) acc += src[j * src_step + taps[t].offset + c] * weight[taps[t].tap * C + c];
+      for (int t = 0; t < NT; ++t)
+        acc += src[j * src_step + taps[t].offset + c] * weight[taps[t].tap * C + c];
       dst[j * dst_step + c] = acc;
     }
 }
@@ -266,8 +265,8 @@ void input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,
 // partial[t][c] += sum_j go[j*go_step + c] * src[j*src_step + taps[t].offset + c] for kStrip
 // pixels, and the bias row += go; the NT accumulators of a channel vector stay in registers.
 template <typename T, int NT>
-void accumulate_strip(const Tap* taps, const T* src, int64_t src_step, const T* go,
-                      int64_t go_step, T* partial, T* bias_partial, int64_t C) {
+void accumulate_strip(const Tap* taps, const T* src, int64_t src_step, const T* go, int64_t go_step,
+                      T* partial, T* bias_partial, int64_t C) {
   using L = Lanes<T>;
   const int64_t c_vec = C / L::kLanes * L::kLanes;
   for (int64_t c = 0; c < c_vec; c += L::kLanes) {
@@ -285,7 +284,8 @@ void accumulate_strip(const Tap* taps, const T* src, int64_t src_step, const T* 
   for (int64_t c = c_vec; c < C; ++c)
     for (int j = 0; j < kStrip; ++j) {
       for (int t = 0; t < NT; ++t)
-        partial[taps[t].tap * C + c] += go[j * go_step + c] * src[j * src_step + taps[t].offset + c];
+        partial[taps[t].tap * C + c] +=
+            go[j * go_step + c] * src[j * src_step + taps[t].offset + c];
       bias_partial[c] += go[j * go_step + c];
     }
 }
@@ -325,31 +325,29 @@ void weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,
         },
         [&](int64_t base, int64_t ow) {
           accumulate_strip<T, kTaps3x3>(interior_taps, input + base, g.sW * C,
-                                        grad_output + (r * g.OW + ow) * C, C, partial,
-                                        bias_partial, C);
+                                        grad_output + (r * g.OW + ow) * C, C, partial, bias_partial,
+                                        C);
         });
   }
 }
 
 }  // namespace
 
-// Entry points of one ISA namespace (DEPSEP_CPU_ISA), declared in cpu_loops_entry.h.
-#define DEPSEP_DEFINE_CPU_LOOPS(T)                                                              \
-  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight,            \
-                              const T* bias, T* output, int64_t row_begin, int64_t row_end,    \
-                              void* scratch) {                                                  \
-    forward_rows<T>(g, input, weight, bias, output, row_begin, row_end,                        \
-                    static_cast<Tap*>(scratch));                                                \
-  }                                                                                             \
-  void depthwise_input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,    \
-                                 T* grad_input, int64_t row_begin, int64_t row_end,            \
-                                 void* scratch) {                                               \
-    input_grad_rows<T>(g, grad_output, weight, grad_input, row_begin, row_end,                 \
-                       static_cast<Tap*>(scratch));                                             \
-  }                                                                                             \
-  void depthwise_weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,    \
-                                  T* partial, int64_t row_begin, int64_t row_end,              \
-                                  void* scratch) {                                              \
-    weight_grad_rows<T>(g, grad_output, input, partial, row_begin, row_end,                    \
-                        static_cast<Tap*>(scratch));                                            \
+// Defines the entry points of cpu_loops_entry.h in the enclosing ISA namespace.
+#define DEPSEP_DEFINE_CPU_LOOPS(T)                                                                 \
+  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, \
+                              T* output, int64_t row_begin, int64_t row_end, void* scratch) {      \
+    forward_rows<T>(g, input, weight, bias, output, row_begin, row_end,                            \
+                    static_cast<Tap*>(scratch));                                                   \
+  }                                                                                                \
+  void depthwise_input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,       \
+                                 T* grad_input, int64_t row_begin, int64_t row_end,                \
+                                 void* scratch) {                                                  \
+    input_grad_rows<T>(g, grad_output, weight, grad_input, row_begin, row_end,                     \
+                       static_cast<Tap*>(scratch));                                                \
+  }                                                                                                \
+  void depthwise_weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,       \
+                                  T* partial, int64_t row_begin, int64_t row_end, void* scratch) { \
+    weight_grad_rows<T>(g, grad_output, input, partial, row_begin, row_end,                        \
+                        static_cast<Tap*>(scratch));                                               \
   }

@@ -5,7 +5,6 @@
 #endif
 
 #include "depthwise/cpu_loops.h"
-
 #include "depthwise/cpu_loops_entry.h"
 
 namespace depsep {

@@ -1,6 +1,5 @@
 // The CPU loops for the build's default instruction set.
 #include "depthwise/cpu_loops.h"
-
 #include "depthwise/cpu_loops_entry.h"
 
 namespace depsep {

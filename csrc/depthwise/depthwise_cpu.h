@@ -79,18 +79,19 @@ struct CpuLoopsCompute {
       const scalar_t* bias = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
       cpu_parallel_rows(g.N * g.OH, g, [&](int64_t begin, int64_t end, void* scratch) {
         forward_rows<scalar_t>(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bias,
-            out.mutable_data_ptr<scalar_t>(), begin, end, scratch);
+                               out.mutable_data_ptr<scalar_t>(), begin, end, scratch);
       });
     });
   }
 
   static void input_grad(const DwGeometry& g, bool channels_last, const at::Tensor& go,
                          const at::Tensor& w, at::Tensor& grad_input) {
-    if (!has_loops(go.scalar_type())) return Programs::input_grad(g, channels_last, go, w, grad_input);
+    if (!has_loops(go.scalar_type()))
+      return Programs::input_grad(g, channels_last, go, w, grad_input);
     AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "dw_bwd_in_cpu", [&] {
       cpu_parallel_rows(g.N * g.H, g, [&](int64_t begin, int64_t end, void* scratch) {
         input_grad_rows<scalar_t>(g, go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-            grad_input.mutable_data_ptr<scalar_t>(), begin, end, scratch);
+                                  grad_input.mutable_data_ptr<scalar_t>(), begin, end, scratch);
       });
     });
   }
@@ -110,9 +111,10 @@ struct CpuLoopsCompute {
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           const int64_t row_begin = chunk * plan.rows_per_chunk;
           const int64_t row_end = std::min(row_begin + plan.rows_per_chunk, rows);
-          weight_grad_rows<scalar_t>(g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-              partial.mutable_data_ptr<scalar_t>() + chunk * (taps + 1) * g.C, row_begin,
-              row_end, scratch);
+          weight_grad_rows<scalar_t>(
+              g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+              partial.mutable_data_ptr<scalar_t>() + chunk * (taps + 1) * g.C, row_begin, row_end,
+              scratch);
         }
       });
       dw_reduce_weight_grad<CpuLauncher, scalar_t, scalar_t>(partial, taps, g.C, grad_weight,

@@ -128,9 +128,12 @@ template <typename Launcher, typename T, typename Acc>
 void dw_reduce_weight_grad(const at::Tensor& partial, int64_t taps, int64_t C,
                            at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using R = DwWeightGradReduceProgram<T, Acc>;
-  typename R::Args args{partial.const_data_ptr<Acc>(), grad_weight.mutable_data_ptr<T>(),
+  typename R::Args args{partial.const_data_ptr<Acc>(),
+                        grad_weight.mutable_data_ptr<T>(),
                         grad_bias.numel() > 0 ? grad_bias.mutable_data_ptr<T>() : nullptr,
-                        partial.size(0), taps, C};
+                        partial.size(0),
+                        taps,
+                        C};
   Launcher::template launch<R>(args, R::num_threads(taps, C));
 }
 
@@ -183,8 +186,12 @@ struct ProgramCompute {
                                      x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
       with_weight_grad_program<scalar_t>(plan, [&](auto program) {
         using P = decltype(program);
-        typename P::Args args{go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                              partial.mutable_data_ptr<Acc>(), g, wplan, with_bias};
+        typename P::Args args{go.const_data_ptr<scalar_t>(),
+                              x.const_data_ptr<scalar_t>(),
+                              partial.mutable_data_ptr<Acc>(),
+                              g,
+                              wplan,
+                              with_bias};
         Launcher::template launch<P>(args, P::num_threads(g, wplan));
       });
       dw_reduce_weight_grad<Launcher, scalar_t, Acc>(partial, taps, g.C, grad_weight, grad_bias);
@@ -198,8 +205,8 @@ template <typename Compute>
 at::Tensor depthwise_conv2d_fwd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const DwGeometry g = dw_geometry(input.sizes(), {weight.size(-2), weight.size(-1)}, stride,
-                                   padding, dilation);
+  const DwGeometry g =
+      dw_geometry(input.sizes(), {weight.size(-2), weight.size(-1)}, stride, padding, dilation);
   dw_check_weight(weight, input, g.C);
   const typename Compute::DeviceGuard guard(input.device());
   const bool has_bias = bias.has_value() && bias->defined();
@@ -220,8 +227,8 @@ template <typename Compute>
 at::Tensor depthwise_conv2d_bwd_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                       at::IntArrayRef input_shape, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const DwGeometry g = dw_geometry(input_shape, {weight.size(-2), weight.size(-1)}, stride,
-                                   padding, dilation);
+  const DwGeometry g =
+      dw_geometry(input_shape, {weight.size(-2), weight.size(-1)}, stride, padding, dilation);
   dw_check_weight(weight, grad_output, g.C);
   const typename Compute::DeviceGuard guard(grad_output.device());
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
@@ -241,25 +248,24 @@ at::Tensor depthwise_conv2d_bwd_input(const at::Tensor& grad_output, const at::T
 template <typename Compute>
 std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_bwd_weight(
     const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef kernel_size,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    bool compute_bias) {
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool compute_bias) {
   const DwGeometry g = dw_geometry(input.sizes(), kernel_size, stride, padding, dilation);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
                   grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
               "depsep: grad_output must be [", g.N, ", ", g.C, ", ", g.OH, ", ", g.OW, "], got ",
               grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              "depsep: grad_output must match the input's dtype and device");
+  TORCH_CHECK(
+      grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
+      "depsep: grad_output must match the input's dtype and device");
   const typename Compute::DeviceGuard guard(input.device());
   at::Tensor grad_weight = at::empty({g.C, 1, g.kH, g.kW}, input.options());
   at::Tensor grad_bias = at::empty({compute_bias ? g.C : 0}, input.options());
   if (g.C == 0 || grad_output.numel() == 0) return {grad_weight.zero_(), grad_bias.zero_()};
 
-  const auto compute =
-      Compute::compute_format(input.suggest_memory_format(), input.scalar_type());
-  Compute::weight_grad(g, compute == at::MemoryFormat::ChannelsLast, grad_output.contiguous(compute),
-                       input.contiguous(compute), grad_weight, grad_bias);
+  const auto compute = Compute::compute_format(input.suggest_memory_format(), input.scalar_type());
+  Compute::weight_grad(g, compute == at::MemoryFormat::ChannelsLast,
+                       grad_output.contiguous(compute), input.contiguous(compute), grad_weight,
+                       grad_bias);
   return {grad_weight, grad_bias};
 }
 

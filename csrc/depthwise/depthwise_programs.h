@@ -228,9 +228,9 @@ struct DwWeightGradPartialProgram {
     const int64_t chunk = idx / (taps + 1);
     const int64_t row_begin = chunk * a.plan.rows_per_chunk;
     const int64_t row_total = g.N * g.OH;
-    const int64_t row_end =
-        row_begin + a.plan.rows_per_chunk < row_total ? row_begin + a.plan.rows_per_chunk
-                                                      : row_total;
+    const int64_t row_end = row_begin + a.plan.rows_per_chunk < row_total
+                                ? row_begin + a.plan.rows_per_chunk
+                                : row_total;
 
     Acc acc[VEC];
     for (int v = 0; v < VEC; ++v) acc[v] = Acc(0);
@@ -249,9 +249,11 @@ struct DwWeightGradPartialProgram {
           for (int v = 0; v < VEC; ++v) {
             const Acc go = static_cast<Acc>(
                 a.grad_output[dw_offset<ChannelsLast>(n, c0 + v, oh, ow, g.C, g.OH, g.OW)]);
-            acc[v] += is_bias ? go
-                              : go * static_cast<Acc>(a.input[dw_offset<ChannelsLast>(
-                                         n, c0 + v, ih, iw, g.C, g.H, g.W)]);
+            acc[v] +=
+                is_bias
+                    ? go
+                    : go * static_cast<Acc>(
+                               a.input[dw_offset<ChannelsLast>(n, c0 + v, ih, iw, g.C, g.H, g.W)]);
           }
         }
       }

@@ -1,6 +1,6 @@
-// CPU kernels of depsep::depthwise_conv2d_fwd: the vectorised CPU loops (float, double) or the thread
-// programs (float16, bfloat16); and depsep::_host_programs_depthwise_conv2d_fwd, which runs the CUDA
-// kernels' thread programs on the host for every dtype so that tests execute them.
+// CPU kernels of depsep::depthwise_conv2d_fwd: the vectorised CPU loops (float, double) or the
+// thread programs (float16, bfloat16); and depsep::_host_programs_depthwise_conv2d_fwd, which runs
+// the CUDA kernels' thread programs on the host for every dtype so that tests execute them.
 #include <torch/library.h>
 
 #include "depthwise/depthwise_cpu.h"

@@ -1,10 +1,11 @@
-// CUDA kernel of depsep::depthwise_conv2d_fwd: the same thread programs as the CPU kernel, launched as a
-// grid-stride loop (cuda_launcher.cuh).
+// CUDA kernel of depsep::depthwise_conv2d_fwd: the same thread programs as the CPU kernel, launched
+// as a grid-stride loop (cuda_launcher.cuh).
 #include <torch/library.h>
 
 #include "common/cuda_launcher.cuh"
 #include "depthwise/depthwise_ops.h"
 
 TORCH_LIBRARY_IMPL(depsep, CUDA, m) {
-  m.impl("depthwise_conv2d_fwd", &depsep::depthwise_conv2d_fwd<depsep::ProgramCompute<depsep::CudaLauncher>>);
+  m.impl("depthwise_conv2d_fwd",
+         &depsep::depthwise_conv2d_fwd<depsep::ProgramCompute<depsep::CudaLauncher>>);
 }
