@@ -5,6 +5,7 @@ TORCH_CUDA_ARCH_LIST is honoured (default: sm_80 and sm_90)."""
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -46,6 +47,12 @@ with_cuda = (
 # no-psabi: the CPU loops' 32-byte vectors never cross a function boundary of the non-AVX
 # build (internal, inlined), so GCC's note that their ABI differs there does not apply.
 extra_compile_args = {"cxx": ["-O3", "-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi"]}
+# at::parallel_for runs serially unless the extension itself is built with OpenMP; the libgomp
+# this links is torch's own (same soname, already loaded), so one thread pool serves both.
+extra_link_args = []
+if sys.platform.startswith("linux"):
+    extra_compile_args["cxx"].append("-fopenmp")
+    extra_link_args.append("-fopenmp")
 if with_cuda:
     extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if os.environ.get("DEPSEP_PTXAS_VERBOSE") == "1":
@@ -55,6 +62,7 @@ if with_cuda:
         cpp_sources + cuda_sources,
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
         define_macros=[("DEPSEP_WITH_CUDA", "1")],
     )
 else:
@@ -63,6 +71,7 @@ else:
         cpp_sources,
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
     )
 
 setup(
