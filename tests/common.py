@@ -118,6 +118,11 @@ def depthwise_cases() -> list[DepthwiseCase]:
         DepthwiseCase(2, 6, 5, 5, (3, 3), 3, 4, 1, True, "nchw"),  # padding wider than the kernel
         DepthwiseCase(2, 8, 9, 7, (3, 3), 2, (0, 2, 3, 1), 1, True, "channels_last"),
         DepthwiseCase(2, 5, 6, 7, (3, 2), (2, 1), (0, 2, 3, 1), (1, 2), False, "sliced"),
+        # NCHW planes at least 28 wide take the CPU plane loops instead of a transpose.
+        DepthwiseCase(2, 3, 5, 33, (3, 3), 1, 1, 1, True, "nchw"),
+        DepthwiseCase(1, 4, 6, 31, (3, 3), 2, (0, 1), 1, False, "sliced"),
+        DepthwiseCase(2, 2, 7, 30, (5, 3), (1, 2), (2, 0, 1, 3), (2, 1), True, "nchw"),
+        DepthwiseCase(1, 3, 4, 29, (1, 7), 1, "same", (1, 2), True, "nchw"),
     ]
     return cases
 

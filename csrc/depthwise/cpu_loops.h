@@ -331,23 +331,150 @@ void weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,
   }
 }
 
+// NCHW: one (n, c) plane at a time, one output row at a time, one tap at a time: each tap
+// adds w * (a shifted input row) to the output row, which stays in L1. With stride 1 the
+// shifted row is contiguous and the compiler vectorises the loop over columns.
+
+// Output columns [lo, hi) whose source column ow*stride + offset lies in [0, size).
+void valid_columns(int64_t offset, int64_t stride, int64_t size, int64_t count, int64_t* lo,
+                   int64_t* hi) {
+  *lo = offset < 0 ? (-offset + stride - 1) / stride : 0;
+  *hi = size - 1 - offset >= 0 ? (size - 1 - offset) / stride + 1 : 0;
+  if (*hi > count) *hi = count;
+  if (*hi < *lo) *hi = *lo;
+}
+
+template <typename T>
+void forward_planes(const DwGeometry& g, const T* input, const T* weight, const T* bias, T* output,
+                    int64_t plane_begin, int64_t plane_end) {
+  for (int64_t p = plane_begin; p < plane_end; ++p) {
+    const int64_t c = p % g.C;
+    const T* in = input + p * g.H * g.W;
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      T* __restrict__ out = output + (p * g.OH + oh) * g.OW;
+      const T b = bias ? bias[c] : T(0);
+      for (int64_t ow = 0; ow < g.OW; ++ow) out[ow] = b;
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        const int64_t ih = oh * g.sH - g.padT + kh * g.dH;
+        if (ih < 0 || ih >= g.H) continue;
+        const T* __restrict__ row = in + ih * g.W;
+        for (int64_t kw = 0; kw < g.kW; ++kw) {
+          const T w = weight[(kh * g.kW + kw) * g.C + c];
+          const int64_t offset = kw * g.dW - g.padL;
+          int64_t lo, hi;
+          valid_columns(offset, g.sW, g.W, g.OW, &lo, &hi);
+          if (g.sW == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow] += w * row[ow + offset];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow] += w * row[ow * g.sW + offset];
+          }
+        }
+      }
+    }
+  }
+}
+
+// The transpose: each output row scatters w * grad_output into the input rows its taps read.
+// Every grad_input element receives its terms in the same (oh, kh, kw) order: deterministic.
+template <typename T>
+void input_grad_planes(const DwGeometry& g, const T* grad_output, const T* weight, T* grad_input,
+                       int64_t plane_begin, int64_t plane_end) {
+  for (int64_t p = plane_begin; p < plane_end; ++p) {
+    const int64_t c = p % g.C;
+    T* gin = grad_input + p * g.H * g.W;
+    for (int64_t i = 0; i < g.H * g.W; ++i) gin[i] = T(0);
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const T* __restrict__ go = grad_output + (p * g.OH + oh) * g.OW;
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        const int64_t ih = oh * g.sH - g.padT + kh * g.dH;
+        if (ih < 0 || ih >= g.H) continue;
+        T* __restrict__ row = gin + ih * g.W;
+        for (int64_t kw = 0; kw < g.kW; ++kw) {
+          const T w = weight[(kh * g.kW + kw) * g.C + c];
+          const int64_t offset = kw * g.dW - g.padL;
+          int64_t lo, hi;
+          valid_columns(offset, g.sW, g.W, g.OW, &lo, &hi);
+          if (g.sW == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) row[ow + offset] += w * go[ow];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) row[ow * g.sW + offset] += w * go[ow];
+          }
+        }
+      }
+    }
+  }
+}
+
+// sum_j a[j] * b[j * stride], vectorised for stride 1 (explicit lanes: no reassociation
+// flags needed), in a fixed order.
+template <typename T>
+T dot(const T* a, const T* b, int64_t stride, int64_t n) {
+  using L = Lanes<T>;
+  int64_t j = 0;
+  typename L::V acc = L::zero();
+  if (stride == 1)
+    for (; j + L::kLanes <= n; j += L::kLanes) acc += L::load(a + j) * L::load(b + j);
+  T sum = T(0);
+  for (int l = 0; l < L::kLanes; ++l) sum += acc[l];
+  for (; j < n; ++j) sum += a[j] * b[j * stride];
+  return sum;
+}
+
+// Plane (n, c) adds its terms to partial[n][tap][c] (and partial[n][kH*kW][c], the bias):
+// per image partials, reduced over n in order by the caller.
+template <typename T>
+void weight_grad_planes(const DwGeometry& g, const T* grad_output, const T* input, T* partial,
+                        int64_t plane_begin, int64_t plane_end) {
+  const int64_t taps = static_cast<int64_t>(g.kH) * g.kW;
+  for (int64_t p = plane_begin; p < plane_end; ++p) {
+    const int64_t n = p / g.C, c = p % g.C;
+    const T* in = input + p * g.H * g.W;
+    T* part = partial + n * (taps + 1) * g.C + c;
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const T* go = grad_output + (p * g.OH + oh) * g.OW;
+      T row_sum = T(0);
+      for (int64_t ow = 0; ow < g.OW; ++ow) row_sum += go[ow];
+      part[taps * g.C] += row_sum;
+      for (int64_t kh = 0; kh < g.kH; ++kh) {
+        const int64_t ih = oh * g.sH - g.padT + kh * g.dH;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t kw = 0; kw < g.kW; ++kw) {
+          const int64_t offset = kw * g.dW - g.padL;
+          int64_t lo, hi;
+          valid_columns(offset, g.sW, g.W, g.OW, &lo, &hi);
+          part[(kh * g.kW + kw) * g.C] +=
+              dot(go + lo, in + ih * g.W + lo * g.sW + offset, g.sW, hi - lo);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Defines the entry points of cpu_loops_entry.h in the enclosing ISA namespace.
 #define DEPSEP_DEFINE_CPU_LOOPS(T)                                                                 \
-  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, \
-                              T* output, int64_t row_begin, int64_t row_end, void* scratch) {      \
-    forward_rows<T>(g, input, weight, bias, output, row_begin, row_end,                            \
-                    static_cast<Tap*>(scratch));                                                   \
+  void depthwise_forward(const DwGeometry& g, bool channels_last, const T* input, const T* weight, \
+                         const T* bias, T* output, int64_t begin, int64_t end, void* scratch) {    \
+    if (channels_last)                                                                             \
+      forward_rows<T>(g, input, weight, bias, output, begin, end, static_cast<Tap*>(scratch));     \
+    else                                                                                           \
+      forward_planes<T>(g, input, weight, bias, output, begin, end);                               \
   }                                                                                                \
-  void depthwise_input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,       \
-                                 T* grad_input, int64_t row_begin, int64_t row_end,                \
-                                 void* scratch) {                                                  \
-    input_grad_rows<T>(g, grad_output, weight, grad_input, row_begin, row_end,                     \
-                       static_cast<Tap*>(scratch));                                                \
+  void depthwise_input_grad(const DwGeometry& g, bool channels_last, const T* grad_output,         \
+                            const T* weight, T* grad_input, int64_t begin, int64_t end,            \
+                            void* scratch) {                                                       \
+    if (channels_last)                                                                             \
+      input_grad_rows<T>(g, grad_output, weight, grad_input, begin, end,                           \
+                         static_cast<Tap*>(scratch));                                              \
+    else                                                                                           \
+      input_grad_planes<T>(g, grad_output, weight, grad_input, begin, end);                        \
   }                                                                                                \
-  void depthwise_weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,       \
-                                  T* partial, int64_t row_begin, int64_t row_end, void* scratch) { \
-    weight_grad_rows<T>(g, grad_output, input, partial, row_begin, row_end,                        \
-                        static_cast<Tap*>(scratch));                                               \
+  void depthwise_weight_grad(const DwGeometry& g, bool channels_last, const T* grad_output,        \
+                             const T* input, T* partial, int64_t begin, int64_t end,               \
+                             void* scratch) {                                                      \
+    if (channels_last)                                                                             \
+      weight_grad_rows<T>(g, grad_output, input, partial, begin, end, static_cast<Tap*>(scratch)); \
+    else                                                                                           \
+      weight_grad_planes<T>(g, grad_output, input, partial, begin, end);                           \
   }

@@ -11,14 +11,18 @@ namespace depsep {
 // Bytes of scratch per kernel tap that every *_rows call needs (two lists of taps).
 constexpr int64_t kCpuLoopTapBytes = 4 * sizeof(int64_t);
 
+// [begin, end) counts output rows (n, oh) in channels_last, or (n, c) planes in NCHW; the
+// weight gradient adds into `partial`: [kH*kW + 1][C] for the rows' chunk in channels_last,
+// [N][kH*kW + 1][C] (one slice per image) in NCHW.
 #define DEPSEP_DECLARE_CPU_LOOPS(T)                                                                \
-  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, \
-                              T* output, int64_t row_begin, int64_t row_end, void* scratch);       \
-  void depthwise_input_grad_rows(const DwGeometry& g, const T* grad_output, const T* weight,       \
-                                 T* grad_input, int64_t row_begin, int64_t row_end,                \
-                                 void* scratch);                                                   \
-  void depthwise_weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,       \
-                                  T* partial, int64_t row_begin, int64_t row_end, void* scratch);
+  void depthwise_forward(const DwGeometry& g, bool channels_last, const T* input, const T* weight, \
+                         const T* bias, T* output, int64_t begin, int64_t end, void* scratch);     \
+  void depthwise_input_grad(const DwGeometry& g, bool channels_last, const T* grad_output,         \
+                            const T* weight, T* grad_input, int64_t begin, int64_t end,            \
+                            void* scratch);                                                        \
+  void depthwise_weight_grad(const DwGeometry& g, bool channels_last, const T* grad_output,        \
+                             const T* input, T* partial, int64_t begin, int64_t end,               \
+                             void* scratch);
 
 namespace cpu_base {
 DEPSEP_DECLARE_CPU_LOOPS(float)

@@ -143,7 +143,8 @@ template <typename Launcher>
 struct ProgramCompute {
   using DeviceGuard = typename Launcher::DeviceGuard;
 
-  static at::MemoryFormat compute_format(at::MemoryFormat suggested, at::ScalarType) {
+  static at::MemoryFormat compute_format(const DwGeometry&, at::MemoryFormat suggested,
+                                         at::ScalarType) {
     return suggested;
   }
 
@@ -215,7 +216,7 @@ at::Tensor depthwise_conv2d_fwd(const at::Tensor& input, const at::Tensor& weigh
                     bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
                 "depsep: bias must be [C] with the input's dtype and device");
   const auto format = input.suggest_memory_format();
-  const auto compute = Compute::compute_format(format, input.scalar_type());
+  const auto compute = Compute::compute_format(g, format, input.scalar_type());
   at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(compute));
   if (output.numel() > 0)
     Compute::forward(g, compute == at::MemoryFormat::ChannelsLast, input.contiguous(compute),
@@ -236,7 +237,7 @@ at::Tensor depthwise_conv2d_bwd_input(const at::Tensor& grad_output, const at::T
               "depsep: grad_output must be [", g.N, ", ", g.C, ", ", g.OH, ", ", g.OW, "], got ",
               grad_output.sizes());
   const auto format = grad_output.suggest_memory_format();
-  const auto compute = Compute::compute_format(format, grad_output.scalar_type());
+  const auto compute = Compute::compute_format(g, format, grad_output.scalar_type());
   at::Tensor grad_input = at::empty(input_shape, grad_output.options().memory_format(compute));
   if (grad_input.numel() > 0 && grad_output.numel() == 0) grad_input.zero_();
   if (grad_output.numel() > 0)
@@ -262,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_bwd_weight(
   at::Tensor grad_bias = at::empty({compute_bias ? g.C : 0}, input.options());
   if (g.C == 0 || grad_output.numel() == 0) return {grad_weight.zero_(), grad_bias.zero_()};
 
-  const auto compute = Compute::compute_format(input.suggest_memory_format(), input.scalar_type());
+  const auto compute =
+      Compute::compute_format(g, input.suggest_memory_format(), input.scalar_type());
   Compute::weight_grad(g, compute == at::MemoryFormat::ChannelsLast,
                        grad_output.contiguous(compute), input.contiguous(compute), grad_weight,
                        grad_bias);
