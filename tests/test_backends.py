@@ -22,9 +22,12 @@ def test_available_backends_reports_reasons():
     assert "cpu and cuda only" in meta["native"]
 
 
-def test_auto_prefers_native_on_cpu(monkeypatch):
+def test_auto_takes_the_measured_fastest(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    assert _backend.select_backend(None, torch.device("cpu")) == "native"
+    assert _backend.select_backend(None, torch.device("cpu")) == "torch"  # oneDNN, for now
+    assert _backend.select_backend(None, torch.device("meta")) == "torch"
+    if torch.cuda.is_available():
+        assert _backend.select_backend(None, torch.device("cuda")) == "native"
 
 
 def test_environment_variable_overrides_auto(monkeypatch):
