@@ -132,13 +132,18 @@ def _geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def build_tables(run: Run) -> list[Table]:
-    """One table per (op, mode, dtype, layout), one row per layer, then a geometric-mean row."""
+def group_results(run: Run) -> dict[tuple, list[Result]]:
+    """The run's results by (op, mode, dtype, layout): one table, or one plot panel, each."""
     groups: dict[tuple, list[Result]] = {}
     for result in run.results:
         case = result.case
         groups.setdefault((case.op, case.mode, case.dtype, case.layout), []).append(result)
-    return [_build_table(run, results) for results in groups.values()]
+    return groups
+
+
+def build_tables(run: Run) -> list[Table]:
+    """One table per (op, mode, dtype, layout), one row per layer, then a geometric-mean row."""
+    return [_build_table(run, results) for results in group_results(run).values()]
 
 
 def _build_table(run: Run, results: list[Result]) -> Table:
@@ -237,12 +242,15 @@ def print_tables(run: Run) -> None:
 
 
 def write_outputs(run: Run, out_dir: Path) -> list[Path]:
-    """Write the run's files into out_dir (the PNG plots, when they come, are written here too)."""
+    """Write the run's files into out_dir: the CSV, the Markdown summary and, per op, two PNG
+    plots (time per layer per backend; fraction of copy bandwidth)."""
+    from bench.plots import write_plots  # matplotlib only when files are written
+
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, summary_path = out_dir / CSV_NAME, out_dir / SUMMARY_NAME
     write_csv(run, csv_path)
     write_markdown(run, summary_path)
-    return [csv_path, summary_path]
+    return [csv_path, summary_path, *write_plots(run, out_dir)]
 
 
 def _csv_rows(run: Run):
