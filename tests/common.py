@@ -20,15 +20,6 @@ TOLERANCES = {
 }
 
 
-def usable_backends(device: str) -> list[str]:
-    """The non-reference backends that can run on `device` in this test run."""
-    return [
-        name
-        for name, why in kernels.available_backends(device).items()
-        if why is None and name != "torch"
-    ]
-
-
 def _backend_marks(name: str, device: str):
     """gpu on cuda; a skip with the reason where the backend cannot run."""
     marks = [pytest.mark.gpu] if device == "cuda" else []

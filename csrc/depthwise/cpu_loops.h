@@ -118,11 +118,18 @@ int input_grad_taps(const DwGeometry& g, int64_t n, int64_t ih, int64_t iw, Tap*
   return count;
 }
 
+// 3x3 interior pixels go kStrip at a time: a channel vector's 9 weights (or 9 weight-gradient
+// accumulators) are loaded into registers once and serve kStrip pixels, about one load per FMA
+// instead of two.
+constexpr int kStrip = 4;
+constexpr int kTaps3x3 = 9;
+
 // Where the whole kernel window of an output row lies inside the input: the row's taps are
 // then one fixed list of offsets relative to the window's corner, computed once per call.
 struct Interior {
   int64_t ow_begin, ow_end;  // output columns whose window is inside [0, W)
   int ntaps;                 // kH*kW
+  bool strips;               // 3x3: interior pixels go kStrip at a time
 };
 
 Interior forward_interior(const DwGeometry& g, Tap* taps) {
@@ -134,7 +141,7 @@ Interior forward_interior(const DwGeometry& g, Tap* taps) {
   const int64_t begin = (g.padL + g.sW - 1) / g.sW;
   int64_t end = g.W - 1 - span + g.padL >= 0 ? (g.W - 1 - span + g.padL) / g.sW + 1 : 0;
   if (end > g.OW) end = g.OW;
-  return {begin, end > begin ? end : begin, count};
+  return {begin, end > begin ? end : begin, count, count == kTaps3x3};
 }
 
 bool row_inside(const DwGeometry& g, int64_t oh) {
@@ -142,25 +149,18 @@ bool row_inside(const DwGeometry& g, int64_t oh) {
   return top >= 0 && top + static_cast<int64_t>(g.kH - 1) * g.dH < g.H;
 }
 
-// 3x3 interior pixels go kStrip at a time: a channel vector's 9 weights (or 9 weight-gradient
-// accumulators) are loaded into registers once and serve kStrip pixels, about one load per FMA
-// instead of two.
-constexpr int kStrip = 4;
-constexpr int kTaps3x3 = 9;
-
 // Calls single(taps, ntaps, source_base, ow) for each output pixel of row (n, oh), or
-// strip(source_base, ow) for kStrip interior pixels at once where `strips` allows. Interior
+// strip(source_base, ow) for kStrip interior pixels at once where the kernel is 3x3. Interior
 // pixels share the precomputed tap list, border pixels get their own.
 template <typename Single, typename Strip>
 void for_each_output_pixel(const DwGeometry& g, int64_t n, int64_t oh, const Tap* interior_taps,
-                           const Interior& in, Tap* border_taps, bool strips, Single&& single,
-                           Strip&& strip) {
+                           const Interior& in, Tap* border_taps, Single&& single, Strip&& strip) {
   const bool inside = row_inside(g, oh);
   const int64_t row_corner = (n * g.H + oh * g.sH - g.padT) * g.W - g.padL;
   for (int64_t ow = 0; ow < g.OW;) {
     if (inside && ow >= in.ow_begin && ow < in.ow_end) {
       const int64_t corner = (row_corner + ow * g.sW) * g.C;
-      if (strips && ow + kStrip <= in.ow_end) {
+      if (in.strips && ow + kStrip <= in.ow_end) {
         strip(corner, ow);
         ow += kStrip;
         continue;
@@ -205,12 +205,11 @@ void forward_rows(const DwGeometry& g, const T* input, const T* weight, const T*
   Tap* interior_taps = scratch;
   Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
   const Interior in = forward_interior(g, interior_taps);
-  const bool strips = in.ntaps == kTaps3x3;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.OH, oh = r % g.OH;
     T* out_row = output + r * g.OW * g.C;
     for_each_output_pixel(
-        g, n, oh, interior_taps, in, border_taps, strips,
+        g, n, oh, interior_taps, in, border_taps,
         [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
           gather_pixel(taps, ntaps, input + base, weight, bias, out_row + ow * g.C, g.C);
         },
@@ -301,11 +300,10 @@ void weight_grad_rows(const DwGeometry& g, const T* grad_output, const T* input,
   Tap* interior_taps = scratch;
   Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
   const Interior in = forward_interior(g, interior_taps);
-  const bool strips = in.ntaps == kTaps3x3;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.OH, oh = r % g.OH;
     for_each_output_pixel(
-        g, n, oh, interior_taps, in, border_taps, strips,
+        g, n, oh, interior_taps, in, border_taps,
         [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
           const T* go = grad_output + (r * g.OW + ow) * C;
           const T* src = input + base;

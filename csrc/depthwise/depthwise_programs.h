@@ -82,7 +82,6 @@ struct DwForwardArgs {
 template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
 struct DwForwardProgram {
   using Args = DwForwardArgs<T>;
-  static constexpr int kVec = VEC;
 
   static int64_t num_threads(const DwGeometry& g) {
     return dw_tile_count<ChannelsLast, VEC, STRIP>(g.N, g.C, g.OH, g.OW);
@@ -137,7 +136,6 @@ struct DwInputGradArgs {
 template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
 struct DwInputGradProgram {
   using Args = DwInputGradArgs<T>;
-  static constexpr int kVec = VEC;
 
   static int64_t num_threads(const DwGeometry& g) {
     return dw_tile_count<ChannelsLast, VEC, STRIP>(g.N, g.C, g.H, g.W);
@@ -212,7 +210,6 @@ struct DwWeightGradArgs {
 template <typename T, typename Acc, bool ChannelsLast, int VEC>
 struct DwWeightGradPartialProgram {
   using Args = DwWeightGradArgs<T, Acc>;
-  static constexpr int kVec = VEC;
 
   static int64_t num_threads(const DwGeometry& g, const DwWeightGradPlan& plan) {
     return plan.chunks * (static_cast<int64_t>(g.kH) * g.kW + 1) * (g.C / VEC);
