@@ -10,6 +10,12 @@ from . import (
     _ops,  # noqa: F401  (defines the op schemas, fakes and autograd)
 )
 from ._backend import BACKENDS, available_backends
-from .functional import depthwise_conv2d
+from .functional import depthwise_bn_act, depthwise_conv2d, pointwise_bn_act
 
-__all__ = ["BACKENDS", "available_backends", "depthwise_conv2d"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "depthwise_bn_act",
+    "depthwise_conv2d",
+    "pointwise_bn_act",
+]

@@ -185,6 +185,152 @@ for _prefix in NATIVE_DEPTHWISE_PREFIXES:
     _register_depthwise_autograd(_prefix)
 
 
+# The fused convolution + BatchNorm + activation ops, per backend prefix ("" native, "triton_").
+# The forward returns the output and the per-channel mean and biased variance it normalised with
+# (the batch's in training, the running statistics in eval), in float32 (float64 for float64
+# input); the caller updates the running statistics from them. The backward recomputes the
+# convolution, the BN output and the activation mask from the input: autograd keeps the input,
+# the weights and those two vectors, no other activation-sized tensor.
+FUSED_CONVS = {
+    "pointwise": "",
+    "depthwise": "int[2] stride, int[4] padding, int[2] dilation, ",
+}
+ACTIVATIONS = ("relu", "relu6", "none")
+
+
+def define_bn_act_ops(prefix: str) -> None:
+    """Defines the schemas of one backend's fused ops (the native ones, or for a test)."""
+    for conv, geometry in FUSED_CONVS.items():
+        _LIB.define(
+            f"{prefix}{conv}_bn_act_fwd(Tensor input, Tensor weight, {geometry}"
+            "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
+            "bool training, float eps, str activation) -> (Tensor, Tensor, Tensor)",
+            tags=_FIXED_LAYOUT,
+        )
+        _LIB.define(
+            f"{prefix}{conv}_bn_act_bwd(Tensor grad_output, Tensor input, Tensor weight, "
+            f"{geometry}Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, "
+            "bool training, float eps, str activation, bool[4] output_mask) "
+            "-> (Tensor, Tensor, Tensor, Tensor)",
+            tags=_FIXED_LAYOUT,
+        )
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-channel statistics a fused op returns: its accumulation type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fused_output_shape(conv, input, weight, geometry):
+    if conv == "pointwise":
+        torch._check(
+            tuple(weight.shape[1:]) == (input.shape[1], 1, 1),
+            lambda: f"depsep: weight must be [C_out, {input.shape[1]}, 1, 1]",
+        )
+        return (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
+    torch._check(
+        tuple(weight.shape[:2]) == (input.shape[1], 1),
+        lambda: f"depsep: weight must be [C, 1, kH, kW], got {tuple(weight.shape)}",
+    )
+    return _depthwise_output_shape(input.shape, weight.shape[2:], *geometry)
+
+
+def _bn_act_fwd_fake(conv):
+    def fake(input, weight, *args):
+        geometry = args[:3] if conv == "depthwise" else ()
+        torch._check(input.dim() == 4, lambda: "depsep: input must be 4-D")
+        torch._check(weight.dtype == input.dtype, lambda: "depsep: weight dtype must match input")
+        shape = _fused_output_shape(conv, input, weight, geometry)
+        out = input.new_empty(shape).contiguous(memory_format=memory_format(input))
+        stats = input.new_empty((shape[1],), dtype=stats_dtype(input.dtype))
+        return out, stats, torch.empty_like(stats)
+
+    return fake
+
+
+def _bn_act_bwd_fake(conv):
+    def fake(grad_output, input, weight, *args):
+        geometry = args[:3] if conv == "depthwise" else ()
+        bn_weight, bn_bias = args[len(geometry) : len(geometry) + 2]
+        output_mask = args[-1]
+        expected = _fused_output_shape(conv, input, weight, geometry)
+        torch._check(
+            tuple(grad_output.shape) == expected,
+            lambda: f"depsep: grad_output must be {expected}, got {tuple(grad_output.shape)}",
+        )
+        channels = expected[1]
+        grads = (
+            input.new_empty(input.shape).contiguous(memory_format=memory_format(input)),
+            torch.empty_like(weight),
+            input.new_empty(
+                (channels,), dtype=bn_weight.dtype if bn_weight is not None else input.dtype
+            ),
+            input.new_empty(
+                (channels,), dtype=bn_bias.dtype if bn_bias is not None else input.dtype
+            ),
+        )
+        return tuple(g if wanted else g.new_empty((0,)) for g, wanted in zip(grads, output_mask))
+
+    return fake
+
+
+def _register_bn_act_autograd(prefix: str, conv: str) -> None:
+    """Autograd of "depsep::{prefix}{conv}_bn_act_fwd": its backward op computes every gradient
+    from the saved input, weights and per-channel statistics (nothing activation-sized saved
+    but the input). The statistics outputs are not differentiable."""
+    ns = torch.ops.depsep
+    fwd = getattr(ns, f"{prefix}{conv}_bn_act_fwd").default
+    bwd = getattr(ns, f"{prefix}{conv}_bn_act_bwd").default
+    n_geometry = 3 if conv == "depthwise" else 0
+
+    def setup_context(ctx, inputs, output):
+        input, weight = inputs[:2]
+        geometry = inputs[2 : 2 + n_geometry]
+        bn_weight, bn_bias, _, _, training, eps, activation = inputs[2 + n_geometry :]
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.geometry = [list(g) for g in geometry]
+        ctx.options = (training, eps, activation)
+        ctx.save_for_backward(input, weight, bn_weight, bn_bias, mean, var)
+
+    def backward(ctx, grad_output, _grad_mean, _grad_var):
+        input, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:2]) + list(
+            ctx.needs_input_grad[2 + n_geometry : 4 + n_geometry]
+        )
+        grads = bwd(
+            grad_output.contiguous(memory_format=memory_format(input)),
+            input,
+            weight,
+            *ctx.geometry,
+            bn_weight,
+            bn_bias,
+            mean,
+            var,
+            *ctx.options,
+            mask,
+        )
+        grads = [g if wanted else None for g, wanted in zip(grads, mask)]
+        return (*grads[:2], *([None] * n_geometry), *grads[2:], None, None, None, None, None)
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def register_bn_act_ops(prefix: str, fakes: bool = True) -> None:
+    """Autograd, and the fakes unless triton_op brings its own, of one backend's fused ops,
+    whose schemas exist already."""
+    for conv in FUSED_CONVS:
+        if fakes:
+            name = f"depsep::{prefix}{conv}_bn_act"
+            torch.library.register_fake(f"{name}_fwd", _bn_act_fwd_fake(conv))
+            torch.library.register_fake(f"{name}_bwd", _bn_act_bwd_fake(conv))
+        _register_bn_act_autograd(prefix, conv)
+
+
+define_bn_act_ops("")
+register_bn_act_ops("")
+
+
 def _load_triton_ops():
     """Imports the Triton ops (their schemas come from triton_op) and wires their autograd.
     Returns why not when Triton is missing or broken; the other backends do not need it."""

@@ -120,3 +120,98 @@ def depthwise_args(
                 f"but the padded input {dim} is {size + before + after}"
             )
     return ConvGeometry(stride, pad, dilation, kernel)
+
+
+ACTIVATIONS = {"relu": "relu", "relu6": "relu6", None: "none"}
+
+
+def bn_act_args(
+    op: str,
+    input: Tensor,
+    out_channels: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    activation: str | None,
+    num_batches_tracked: Tensor | None,
+) -> str:
+    """Checks the BatchNorm and activation arguments of a fused op (the convolution's own are
+    checked apart); returns the activation's name as the ops take it."""
+    bn = dict(
+        running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias
+    )
+    # BN parameters and statistics share one dtype, which may differ from the input's (float32
+    # statistics under autocast, as nn.BatchNorm2d keeps them).
+    check_tensors(op, **bn)
+    for name, t in bn.items():
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+        if tuple(t.shape) != (out_channels,):
+            raise ValueError(
+                f"{op}: {name} must have shape ({out_channels},) (one value per output channel), "
+                f"got {tuple(t.shape)}"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must be both given or both None")
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}: training must be a bool, got {training!r}")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError(
+                f"{op}: momentum=None (a cumulative average) needs num_batches_tracked to count "
+                "the batches"
+            )
+    elif (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not (0.0 <= momentum <= 1.0)
+    ):
+        raise ValueError(f"{op}: momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if num_batches_tracked is not None and (
+        not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1
+    ):
+        raise TypeError(f"{op}: num_batches_tracked must be a one-element tensor or None")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be 'relu', 'relu6' or None, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> None:
+    """Checks a 1x1 convolution's input and weight [C_out, C_in, 1, 1]."""
+    check_tensors(op, input=input, weight=weight)
+    check_rank(op, "input", input, 4, "[N, C, H, W]")
+    check_rank(op, "weight", weight, 4, "[C_out, C_in, 1, 1]")
+    if tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(
+            f"{op}: weight must be a 1x1 kernel [C_out, C_in, 1, 1], got {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != input.shape[1]:
+        raise ValueError(
+            f"{op}: weight has {weight.shape[1]} input channels but input has "
+            f"{input.shape[1]}; weight is [C_out, C_in, 1, 1] with C_in = input.shape[1]"
+        )
+    if weight.shape[0] == 0 or input.shape[1] == 0:
+        raise ValueError(
+            f"{op}: empty channels: input {tuple(input.shape)}, weight {tuple(weight.shape)}"
+        )
+
+
+def batch_values_per_channel(op: str, shape, training: bool) -> int:
+    """The values per channel BN normalises over; like F.batch_norm, training needs more than 1."""
+    values = shape[0] * shape[2] * shape[3]
+    if training and values == 1:
+        raise ValueError(
+            f"{op}: Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size(shape)}"
+        )
+    return values
