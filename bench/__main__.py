@@ -1,6 +1,7 @@
 """Command line: `python -m bench [--quick] [--ops ...] [--device cpu|cuda] ...`; see --help."""
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -11,20 +12,74 @@ import torch
 from tqdm import tqdm
 
 import kernels
-from bench import depthwise
-from bench.harness import REFERENCE, Case, Grid, Op, make_cases, make_timer, measure_copy, run_case
+from bench import block, bn_act, depthwise, model
+from bench.harness import (
+    COMPILE_MODES,
+    REFERENCE,
+    Case,
+    Deadline,
+    Op,
+    make_cases,
+    make_timer,
+    measure_copy,
+    run_case,
+)
 from bench.report import Run, collect_run_info, print_tables, write_outputs
 
-# Every benchmarked op; a new op module adds its OP here.
-OPS = {op.name: op for op in (depthwise.OP,)}
+# Every benchmarked op, in table order; a new op module adds its OP here.
+OPS = {
+    op.name: op
+    for op in (depthwise.OP, bn_act.DEPTHWISE_OP, bn_act.POINTWISE_OP, block.OP, model.OP)
+}
+MODES = ("forward", "backward", "forward+backward", "eval")
 LAYOUTS = ("channels_last", "nchw")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One op's default suite on one device type: what runs unless the command line says."""
+
+    modes: tuple[str, ...]
+    layers: str  # "all" or "subset" (Op.layer_set)
+    layouts: tuple[str, ...]
+    compile_layers: str | None = None  # the layer set torch.compile runs on; None: none
+    max_autotune: bool = False
+
+
+# The SPEC §6 protocol cut to fit its time budgets: `make bench` about two minutes on a 2-core
+# CPU, `make gpu-check` (build and GPU tests included) under 8 minutes on an H200. The modes are
+# those the SPEC sets targets for; cold torch.compile runs cost seconds each (minutes for
+# max-autotune, or for the whole model on a CPU), so they run on the layer subset, and
+# max-autotune on the model alone. A baseline left out says so in the tables; --backends
+# names it to run it everywhere it applies.
+_TARGET_MODES = ("eval", "forward+backward")
+_CL = ("channels_last",)
+DEFAULT_PLANS = {
+    "cpu": {
+        "depthwise": Plan(("forward", "backward"), "all", _CL),
+        "depthwise_bn_act": Plan(_TARGET_MODES, "subset", _CL, compile_layers="quick"),
+        "pointwise_bn_act": Plan(_TARGET_MODES, "subset", _CL, compile_layers="quick"),
+        "block": Plan(_TARGET_MODES, "subset", _CL, compile_layers="quick"),
+        "model": Plan(_TARGET_MODES, "all", _CL),
+    },
+    "cuda": {
+        "depthwise": Plan(("forward", "backward"), "all", LAYOUTS),
+        "depthwise_bn_act": Plan(_TARGET_MODES, "all", _CL, compile_layers="subset"),
+        "pointwise_bn_act": Plan(_TARGET_MODES, "all", _CL, compile_layers="subset"),
+        "block": Plan(_TARGET_MODES, "all", _CL, compile_layers="subset"),
+        "model": Plan(_TARGET_MODES, "all", _CL, compile_layers="all", max_autotune=True),
+    },
+}
+DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16",)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Microbenchmarks of the depsep kernels against PyTorch on MobileNet V1 layers.",
+        description="Benchmarks of the depsep kernels against PyTorch eager and torch.compile on "
+        "MobileNet V1: its layers, its DepSepConv blocks and the whole model. Without options: "
+        "the default suite of the device (see bench/__main__.py DEFAULT_PLANS).",
     )
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     parser.add_argument(
@@ -32,27 +87,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         metavar="BACKEND",
         help="backends to run besides the torch reference, which always runs "
-        "(default: every depsep backend, and each baseline where it applies)",
+        "(default: every depsep backend, and each baseline where the default suite has it)",
     )
     parser.add_argument(
-        "--dtypes",
-        nargs="+",
-        choices=DTYPES,
-        help="default: float32 on CPU; bfloat16 float32 on CUDA",
+        "--dtypes", nargs="+", choices=DTYPES, help="default: float32 on CPU; bfloat16 on CUDA"
     )
-    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS)
     parser.add_argument(
         "--modes",
         nargs="+",
-        choices=("forward", "backward"),
-        default=["forward", "backward"],
-        help="backward times the gradient kernels alone (a retained graph), not the forward",
+        choices=MODES,
+        help="eval: inference forward; forward: training forward; backward: the gradient "
+        "kernels alone (a retained graph); forward+backward: both (for the model, a training "
+        "step with its SGD step). Default: eval and forward+backward (depthwise: forward and "
+        "backward); --quick: all",
     )
-    parser.add_argument("--batch", type=int, help="default: 8 on CPU, 128 on CUDA")
+    parser.add_argument(
+        "--layers",
+        choices=("all", "subset"),
+        help="MobileNet V1's 13 layers (blocks), or a subset of 4 (default: all on CUDA; on CPU "
+        "all depthwise layers and the subset for the fused ops and blocks)",
+    )
+    parser.add_argument("--batch", type=int, help="default: 128 on CUDA; 8 on CPU (model: 2)")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    parser.add_argument("--quick", action="store_true", help="4 layers per op and shorter timing")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="every op and mode on 2 layers (the model at 64x64), both layouts, short timing, "
+        "no torch.compile unless --backends names it",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no measurement after this long; the rest is reported as skipped",
+    )
     parser.add_argument(
         "--out", type=Path, help="output folder (default: bench/results/<date>-<device>)"
     )
@@ -71,6 +142,36 @@ def backend_availability(device: torch.device) -> dict[str, str | None]:
         # Triton on a CPU is its interpreter (TRITON_INTERPRET=1): a test aid, too slow to time.
         availability["triton"] = "Triton on CPU is the interpreter, for tests only"
     return availability
+
+
+def with_plan(op: Op, plan: Plan, device: torch.device, quick: bool) -> Op:
+    """The op with its compile baselines limited as the default suite limits them: each one
+    left out of a case is "unavailable" there, with the reason in the tables."""
+    ask = "; --backends {} runs it wherever it applies"
+
+    def plan_reason(backend: str, case: Case) -> str | None:
+        if quick:
+            return "not in --quick (a cold compile takes seconds)" + ask.format(backend)
+        if backend == "compile-max-autotune" and not plan.max_autotune:
+            where = "on a CPU" if device.type == "cpu" else "per layer"
+            return f"not in the default run: its compiles take minutes {where}" + ask.format(
+                backend
+            )
+        if backend == "compile" and plan.compile_layers is None:
+            return "not in the default run: a cold compile takes minutes here" + ask.format(backend)
+        if backend == "compile" and case.layer not in op.layer_set(plan.compile_layers):
+            names = ", ".join(layer.name for layer in op.layer_set(plan.compile_layers))
+            return f"compiled only for {names} in the default run" + ask.format(backend)
+        return None
+
+    def limited(backend, applies):
+        return lambda case, device: applies(case, device) or plan_reason(backend, case)
+
+    baselines = {
+        name: limited(name, applies) if name in COMPILE_MODES else applies
+        for name, applies in op.baselines.items()
+    }
+    return dataclasses.replace(op, baselines=baselines)
 
 
 def backends_for(
@@ -95,6 +196,12 @@ def backends_for(
     return [REFERENCE, *applicable, *availability]
 
 
+def _tier(backend: str) -> int:
+    """Run order: the eager backends first, then the compile baselines, max-autotune last, so
+    that a time limit cuts the slowest compiles first."""
+    return list(COMPILE_MODES).index(backend) + 1 if backend in COMPILE_MODES else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -103,35 +210,41 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
 
-    ops = [OPS[name] for name in args.ops]
     availability = backend_availability(device)
-    known = [REFERENCE, *availability, *(b for op in ops for b in op.baselines)]
+    known = [REFERENCE, *availability, *(b for op in OPS.values() for b in op.baselines)]
     unknown = sorted(set(args.backends or ()) - set(known))
     if unknown:
         choices = ", ".join(dict.fromkeys(known))
         sys.exit(f"--backends: unknown {', '.join(unknown)}; choose from {choices}")
 
-    dtype_names = args.dtypes or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
-    grid = Grid(
-        batch=args.batch or (128 if device.type == "cuda" else 8),
-        dtypes=tuple(getattr(torch, name) for name in dtype_names),
-        layouts=tuple(args.layouts),
-        modes=tuple(args.modes),
-        quick=args.quick,
-    )
-    default_out = Path(__file__).parent / "results" / f"{date.today().isoformat()}-{device.type}"
-    out_dir = args.out or default_out
+    dtypes = tuple(getattr(torch, name) for name in args.dtypes or DEFAULT_DTYPES[device.type])
+    work = []  # (op, case, backends), cases in table order
+    for name in args.ops:
+        op, plan = OPS[name], DEFAULT_PLANS[device.type][name]
+        layers = "quick" if args.quick else args.layers or plan.layers
+        modes = args.modes or (op.modes if args.quick else plan.modes)
+        layouts = args.layouts or (LAYOUTS if args.quick else plan.layouts)
+        batch = args.batch or op.default_batch[device.type]
+        cases = make_cases(op, op.layer_set(layers), batch, dtypes, layouts, modes)
+        backends = backends_for(op, cases, args.backends, availability, device)
+        if args.backends is None:
+            op = with_plan(op, plan, device, args.quick)
+        work += [(op, case, backends) for case in cases]
 
     time_fn = make_timer(device, args.quick)
+    deadline = Deadline(args.time_limit)
     copy_bytes, copy_timing = measure_copy(device, time_fn)
-    work = []  # (op, case, backends), in table order
-    for op in ops:
-        cases = make_cases(op, grid)
-        backends = backends_for(op, cases, args.backends, availability, device)
-        work += [(op, case, backends) for case in cases]
+    passes = [
+        (op, case, [b for b in backends if _tier(b) == tier])
+        for tier in sorted({_tier(b) for _, _, backends in work for b in backends})
+        for op, case, backends in work
+    ]
     results = []
-    for op, case, backends in tqdm(work, desc="bench", unit="case", disable=args.no_progress):
-        results += run_case(op, case, backends, device, availability, time_fn)
+    for op, case, backends in tqdm(passes, desc="bench", unit="case", disable=args.no_progress):
+        if backends:
+            results += run_case(op, case, backends, device, availability, time_fn, deadline)
+    order = {(case, b): (i, j) for i, (_, case, bs) in enumerate(work) for j, b in enumerate(bs)}
+    results.sort(key=lambda result: order[result.case, result.backend])
 
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = Run(
@@ -139,10 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         copy_bytes=copy_bytes,
         copy_timing=copy_timing,
         results=tuple(results),
-        baselines={op.name: (REFERENCE, *op.baselines) for op in ops},
+        baselines={op.name: (REFERENCE, *op.baselines) for op in OPS.values()},
     )
     print_tables(run)
-    for path in write_outputs(run, out_dir):
+    default_out = Path(__file__).parent / "results" / f"{date.today().isoformat()}-{device.type}"
+    for path in write_outputs(run, args.out or default_out):
         print(f"wrote {path}")
 
 

@@ -1,5 +1,7 @@
-"""PNG plots of a run: per op, time per layer per backend and the fraction of the device's
-copy bandwidth each backend reaches; one panel per (mode, dtype, layout), as the tables."""
+"""PNG plots of a run, one file per op (so that a GPU run's folder stays within 8 files): a row of
+two panels per table. Left, the median time per layer per backend (for the model, images/s per
+mode); right, the fraction of the device's copy bandwidth each backend reaches (for the model,
+the memory of its training step)."""
 
 from pathlib import Path
 
@@ -9,55 +11,68 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from bench.report import Run, group_results  # noqa: E402
+from bench.report import Group, Run, group_results  # noqa: E402
 
 
 def write_plots(run: Run, out_dir: Path) -> list[Path]:
-    panels_by_op: dict[str, list] = {}
-    for (op, mode, dtype, layout), results in group_results(run).items():
-        title = f"{mode} | {str(dtype).removeprefix('torch.')} | {layout}"
-        panels_by_op.setdefault(op, []).append((title, results))
-    paths = []
-    for op, panels in panels_by_op.items():
-        paths.append(_plot(run, op, panels, "time", out_dir / f"{op}_time.png"))
-        paths.append(_plot(run, op, panels, "bandwidth", out_dir / f"{op}_bandwidth.png"))
-    return paths
+    groups_by_op: dict[str, list[Group]] = {}
+    for group in group_results(run):
+        groups_by_op.setdefault(group.cases[0].op, []).append(group)
+    return [_plot(run, op, groups, out_dir / f"{op}.png") for op, groups in groups_by_op.items()]
 
 
-def _plot(run: Run, op: str, panels: list, metric: str, path: Path) -> Path:
-    """Grouped bars: layers along x, one bar per backend that ran; time in ms (log scale) or
-    achieved bandwidth as % of the measured copy bandwidth."""
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
-    for ax, (title, results) in zip(axes[:, 0], panels):
-        layers = list(dict.fromkeys(r.case.layer.name for r in results))
-        backends = list(dict.fromkeys(r.backend for r in results if r.status == "ok"))
-        width = 0.8 / max(1, len(backends))
-        for i, backend in enumerate(backends):
-            xs, ys = [], []
-            for r in results:
-                if r.backend != backend or r.status != "ok":
-                    continue
-                xs.append(layers.index(r.case.layer.name) + i * width)
-                seconds = r.timing.median
-                ys.append(
-                    seconds * 1e3
-                    if metric == "time"
-                    else 100 * r.case.min_bytes / seconds / 1e9 / run.copy_gbps
-                )
-            ax.bar(xs, ys, width, label=backend)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(layers))], layers)
-        ax.set_title(f"{op} {title}", fontsize=10)
-        if metric == "time":
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
-            ax.set_ylabel("median ms")
+def _plot(run: Run, op: str, groups: list[Group], path: Path) -> Path:
+    fig, axes = plt.subplots(len(groups), 2, figsize=(16, 3.4 * len(groups)), squeeze=False)
+    for (left, right), group in zip(axes, groups):
+        first = group.cases[0]
+        title = f"{op} {first.mode + ' | ' if group.by_layer else ''}"
+        title += f"{str(first.dtype).removeprefix('torch.')} | {first.layout}"
+        if first.images:
+            _bars(left, group, lambda r: r.case.images / r.timing.median, "images/s", title)
         else:
-            ax.set_ylabel("% of copy bandwidth")
-            ax.axhline(100, color="grey", linewidth=0.8)
-        ax.legend(fontsize=8)
+            _bars(left, group, lambda r: r.timing.median * 1e3, "median ms", title, log=True)
+        if first.min_bytes is not None:
+
+            def copy_percent(r):
+                return 100 * r.case.min_bytes / r.timing.median / 1e9 / run.copy_gbps
+
+            _bars(right, group, copy_percent, "% of copy bandwidth", title)
+            right.axhline(100, color="grey", linewidth=0.8)
+        elif any(r.memory for r in group.results):
+
+            def step_mib(r):
+                return r.memory["step_memory"] / 2**20 if "step_memory" in r.memory else None
+
+            _bars(right, group, step_mib, "training-step memory MiB", title)
+        else:
+            right.set_axis_off()
     fig.suptitle(f"{run.info.device_name} | torch {run.info.torch_version} | {run.info.timestamp}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _bars(ax, group: Group, value, ylabel: str, title: str, log: bool = False) -> None:
+    """Grouped bars: the group's rows (layers or modes) along x, one bar per backend that ran;
+    value(result) is the bar's height (None: no bar)."""
+    labels = list(dict.fromkeys(group.label(case) for case in group.cases))
+    backends = list(dict.fromkeys(r.backend for r in group.results if r.status == "ok"))
+    width = 0.8 / max(1, len(backends))
+    for i, backend in enumerate(backends):
+        points = [
+            (labels.index(group.label(r.case)) + i * width, value(r))
+            for r in group.results
+            if r.backend == backend and r.status == "ok"
+        ]
+        points = [(x, y) for x, y in points if y is not None]
+        ax.bar([x for x, _ in points], [y for _, y in points], width, label=backend)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    if backends:
+        ax.legend(fontsize=8)

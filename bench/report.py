@@ -1,8 +1,9 @@
 """Turn results into the terminal tables, the long-format CSV and the Markdown summary.
 
 Derived metrics: speed-up = baseline median / backend median; bandwidth = the case's minimum
-bytes / median time, also as a percentage of the tensor-copy bandwidth measured in the same run.
-Their p20/p80 in the CSV vary the measured backend's time only.
+bytes / median time, also as a percentage of the tensor-copy bandwidth measured in the same run;
+throughput = images per call / median time (the model). Their p20/p80 in the CSV vary the
+measured backend's time only; memory metrics are one measurement.
 """
 
 import csv
@@ -43,8 +44,15 @@ CSV_COLUMNS = (
     "git_commit",
     "timestamp",
 )
-_STATUS_CELL = {"wrong": "WRONG", "failed": "FAILED", "unavailable": "n/a"}
-_STATUS_NOTE = {"wrong": "WRONG", "failed": "FAILED", "unavailable": "not run"}
+_STATUS_CELL = {"wrong": "WRONG", "failed": "FAILED", "unavailable": "n/a", "skipped": "skipped"}
+_STATUS_NOTE = {
+    "wrong": "WRONG",
+    "failed": "FAILED",
+    "unavailable": "not run",
+    "skipped": "skipped",
+}
+_MODE_LABELS = {("model", "forward+backward"): "train step", ("model", "eval"): "inference"}
+_MEMORY_LABELS = {"step_memory": "step", "peak_memory": "peak"}
 
 
 @dataclass(frozen=True)
@@ -132,38 +140,83 @@ def _geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def group_results(run: Run) -> dict[tuple, list[Result]]:
-    """The run's results by (op, mode, dtype, layout): one table, or one plot panel, each."""
-    groups: dict[tuple, list[Result]] = {}
+def _mode_label(case: Case) -> str:
+    return _MODE_LABELS.get((case.op, case.mode), case.mode)
+
+
+@dataclass(frozen=True)
+class Group:
+    """The results of one table (and one row of plot panels): per layer, or per mode."""
+
+    by_layer: bool  # rows are layers (one mode); else modes (an op run on one layer: the model)
+    results: list[Result]
+
+    @property
+    def cases(self) -> list[Case]:
+        return list(dict.fromkeys(result.case for result in self.results))
+
+    def label(self, case: Case) -> str:
+        return case.layer.name if self.by_layer else _mode_label(case)
+
+
+def group_results(run: Run) -> list[Group]:
+    """The run's results by (op, mode, dtype, layout), rows per layer; an op that ran one layer
+    (the model) by (op, dtype, layout), rows per mode."""
+    layers_per_op: dict[str, set] = {}
+    for result in run.results:
+        layers_per_op.setdefault(result.case.op, set()).add(result.case.layer)
+    groups: dict[tuple, Group] = {}
     for result in run.results:
         case = result.case
-        groups.setdefault((case.op, case.mode, case.dtype, case.layout), []).append(result)
-    return groups
+        by_layer = len(layers_per_op[case.op]) > 1
+        key = (case.op, case.mode if by_layer else "", case.dtype, case.layout)
+        groups.setdefault(key, Group(by_layer, [])).results.append(result)
+    return list(groups.values())
 
 
 def build_tables(run: Run) -> list[Table]:
-    """One table per (op, mode, dtype, layout), one row per layer, then a geometric-mean row."""
-    return [_build_table(run, results) for results in group_results(run).values()]
+    """One table per group: rows per layer then a geometric-mean row, or rows per backend."""
+    return [
+        _layer_table(run, group) if group.by_layer else _backend_table(run, group)
+        for group in group_results(run)
+    ]
 
 
-def _build_table(run: Run, results: list[Result]) -> Table:
-    by_key = {(result.case, result.backend): result for result in results}
-    cases = list(dict.fromkeys(result.case for result in results))
-    # A backend that could run nowhere in this table gets a note, not a column of n/a.
+def _title(run: Run, group: Group) -> str:
+    first = group.cases[0]
+    what = f"{first.op} {first.mode}" if group.by_layer else f"{first.op} {first.shape}"
+    return (
+        f"{what} | {_dtype_name(first.dtype)} | {first.layout} | batch {first.batch} | "
+        f"{run.info.device_name}"
+    )
+
+
+def _shown_backends(run: Run, group: Group) -> tuple[list[str], list[str], list[str]]:
+    """(every backend with a column, the baselines among them, the depsep ones). A backend that
+    could run nowhere in this table gets a note, not a column of n/a."""
+    results = group.results
     shown = list(dict.fromkeys(r.backend for r in results if r.status != "unavailable"))
-    baselines = [b for b in run.baselines[cases[0].op] if b in shown]
-    depsep = [b for b in shown if b not in baselines]
+    baselines = [b for b in run.baselines[results[0].case.op] if b in shown]
+    return shown, baselines, [b for b in shown if b not in baselines]
+
+
+def _layer_table(run: Run, group: Group) -> Table:
+    by_key = {(result.case, result.backend): result for result in group.results}
+    cases = group.cases
+    shown, baselines, depsep = _shown_backends(run, group)
+    with_bandwidth = cases[0].min_bytes is not None
 
     headers = ["layer", "shape"]
     headers += [f"{b} ms" for b in shown]
     headers += [f"{b} vs {a}" for b in depsep for a in baselines]
-    headers += [f"{b} GB/s (% copy)" for b in shown]
+    if with_bandwidth:
+        headers += [f"{b} GB/s (% copy)" for b in shown]
 
     speedups = {(b, a): [] for b in depsep for a in baselines}
     bandwidths = {b: [] for b in shown}
     rows = []
     for case in cases:
-        row = [case.layer.name, case.shape]
+        row = [group.label(case), case.shape]
         row += [_time_cell(by_key[case, b]) for b in shown]
         for b in depsep:
             for a in baselines:
@@ -173,7 +226,7 @@ def _build_table(run: Run, results: list[Result]) -> Table:
                     row.append(f"{speedups[b, a][-1]:.2f}x")
                 else:  # says why: this backend's status, or n/a when the baseline did not run
                     row.append(_STATUS_CELL.get(fast.status, "n/a"))
-        for b in shown:
+        for b in shown if with_bandwidth else ():
             result = by_key[case, b]
             if result.status == "ok":
                 bandwidths[b].append(_gbps(case, result.timing.median))
@@ -182,22 +235,68 @@ def _build_table(run: Run, results: list[Result]) -> Table:
                 row.append(_STATUS_CELL[result.status])
         rows.append(row)
 
-    geomean_row = ["geomean", f"{len(cases)} layers"] + [""] * len(shown)
-    for b in depsep:
-        for a in baselines:
-            value = _geomean(speedups[b, a])
-            geomean_row.append("" if value is None else f"{value:.2f}x")
-    for b in shown:
-        value = _geomean(bandwidths[b])
-        geomean_row.append("" if value is None else _bandwidth_cell(value, run.copy_gbps))
-    rows.append(geomean_row)
+    # A geometric mean over fewer rows than the table's says over how many.
+    def mean_cell(values: list[float], cell) -> str:
+        value = _geomean(values)
+        if value is None:
+            return ""
+        return cell(value) + ("" if len(values) == len(cases) else f" ({len(values)})")
 
-    first = cases[0]
-    title = (
-        f"{first.op} {first.mode} | {_dtype_name(first.dtype)} | {first.layout} | "
-        f"batch {first.batch} | {run.info.device_name}"
+    geomean_row = ["geomean", f"{len(cases)} layers"] + [""] * len(shown)
+    geomean_row += [mean_cell(speedups[b, a], "{:.2f}x".format) for b in depsep for a in baselines]
+    if with_bandwidth:
+        geomean_row += [
+            mean_cell(bandwidths[b], lambda v: _bandwidth_cell(v, run.copy_gbps)) for b in shown
+        ]
+    rows.append(geomean_row)
+    return Table(_title(run, group), headers, rows, _notes(group))
+
+
+def _backend_table(run: Run, group: Group) -> Table:
+    """Rows per backend, columns per mode: time (images/s for the model), speed-up over each
+    baseline, bandwidth, and the memory of the modes that measure it."""
+    by_key = {(result.case, result.backend): result for result in group.results}
+    cases = group.cases
+    shown, baselines, _ = _shown_backends(run, group)
+    memory_metrics = list(
+        dict.fromkeys(metric for result in group.results for metric in result.memory)
     )
-    return Table(title, headers, rows, _notes(results))
+    headers = ["backend"]
+    for case in cases:
+        mode = group.label(case)
+        headers.append(f"{mode} images/s" if case.images else f"{mode} ms")
+        headers += [f"{mode} vs {a}" for a in baselines]
+        if case.min_bytes is not None:
+            headers.append(f"{mode} GB/s (% copy)")
+        if any(by_key[case, b].memory for b in shown):
+            headers += [f"{mode} {_MEMORY_LABELS[metric]} MiB" for metric in memory_metrics]
+    rows = []
+    for b in shown:
+        row = [b]
+        for case in cases:
+            result = by_key[case, b]
+            ok = result.status == "ok"
+            if not ok:
+                row.append(_STATUS_CELL[result.status])
+            elif case.images:
+                row.append(f"{case.images / result.timing.median:.1f}")
+            else:
+                row.append(_time_cell(result))
+            for a in baselines:
+                base = by_key[case, a]
+                if a != b and ok and base.status == "ok":
+                    row.append(f"{base.timing.median / result.timing.median:.2f}x")
+                else:
+                    row.append("")
+            if case.min_bytes is not None:
+                gbps = _gbps(case, result.timing.median) if ok else None
+                row.append("" if gbps is None else _bandwidth_cell(gbps, run.copy_gbps))
+            if any(by_key[case, other].memory for other in shown):
+                for metric in memory_metrics:
+                    value = result.memory.get(metric)
+                    row.append("" if value is None else f"{value / 2**20:.0f}")
+        rows.append(row)
+    return Table(_title(run, group), headers, rows, _notes(group))
 
 
 def _time_cell(result: Result) -> str:
@@ -210,20 +309,29 @@ def _bandwidth_cell(gbps: float, copy_gbps: float) -> str:
     return f"{gbps:.1f} ({100 * gbps / copy_gbps:.0f}%)"
 
 
-def _notes(results: list[Result]) -> list[str]:
-    """One line per (backend, status, reason), naming the layers it applies to."""
+def _notes(group: Group) -> list[str]:
+    """One line per (backend, status, reason or remark), naming the rows it applies to."""
+    results = group.results
     backend_order = {b: i for i, b in enumerate(dict.fromkeys(r.backend for r in results))}
-    layers_by_reason: dict[tuple[str, str, str], list[str]] = {}
-    # A stable sort: within a backend the layers stay in table order.
+    rows_by_reason: dict[tuple[str, str, str], list[str]] = {}
+    # A stable sort: within a backend the rows stay in table order.
     for result in sorted(results, key=lambda result: backend_order[result.backend]):
-        if result.status != "ok":
+        if result.status != "ok" or result.detail:
             key = (result.backend, result.status, result.detail)
-            layers_by_reason.setdefault(key, []).append(result.case.layer.name)
-    all_layers = list(dict.fromkeys(result.case.layer.name for result in results))
+            rows_by_reason.setdefault(key, []).append(group.label(result.case))
+    all_rows = list(dict.fromkeys(group.label(case) for case in group.cases))
     notes = []
-    for (backend, status, detail), layers in layers_by_reason.items():
-        where = "all layers" if layers == all_layers else ", ".join(layers)
-        notes.append(f"{backend}: {_STATUS_NOTE[status]} ({where}): {detail}")
+    for (backend, status, detail), rows in rows_by_reason.items():
+        rows = list(dict.fromkeys(rows))
+        where = (
+            ("all layers" if group.by_layer else "all modes")
+            if rows == all_rows
+            else ", ".join(rows)
+        )
+        if status == "ok":
+            notes.append(f"{backend} ({where}): {detail}")
+        else:
+            notes.append(f"{backend}: {_STATUS_NOTE[status]} ({where}): {detail}")
     return notes
 
 
@@ -242,8 +350,9 @@ def print_tables(run: Run) -> None:
 
 
 def write_outputs(run: Run, out_dir: Path) -> list[Path]:
-    """Write the run's files into out_dir: the CSV, the Markdown summary and, per op, two PNG
-    plots (time per layer per backend; fraction of copy bandwidth)."""
+    """Write the run's files into out_dir: the CSV, the Markdown summary and one PNG per op
+    (time per layer per backend beside the fraction of copy bandwidth; for the model, images/s
+    beside the training step's memory): at most 7 files."""
     from bench.plots import write_plots  # matplotlib only when files are written
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +394,16 @@ def _csv_rows(run: Run):
         }
         if result.status == "ok":
             yield from _metric_rows(row, result.timing, _result_metrics(run, result, by_key))
+            for metric, nbytes in result.memory.items():  # one measurement: no spread
+                mib = nbytes / 2**20
+                yield {
+                    **row,
+                    "metric": metric,
+                    "unit": "MiB",
+                    "median": mib,
+                    "p20": mib,
+                    "p80": mib,
+                }
         else:
             yield {**row, "metric": result.status}
 
@@ -292,18 +411,17 @@ def _csv_rows(run: Run):
 def _result_metrics(run: Run, result: Result, by_key: dict) -> dict[str, tuple[str, Callable]]:
     """metric -> (unit, function of seconds per call)."""
     case = result.case
-    gbps = partial(_gbps, case)
-    metrics = {
-        "time": ("ms", _to_ms),
-        "bandwidth": ("GB/s", gbps),
-        "copy_fraction": ("%", lambda seconds: 100 * gbps(seconds) / run.copy_gbps),
-    }
-    baselines = run.baselines[case.op]
-    if result.backend not in baselines:
-        for baseline in baselines:
-            base = by_key.get((case, baseline))
-            if base is not None and base.status == "ok":
-                metrics[f"speedup_vs_{baseline}"] = ("x", partial(truediv, base.timing.median))
+    metrics = {"time": ("ms", _to_ms)}
+    if case.min_bytes is not None:
+        gbps = partial(_gbps, case)
+        metrics["bandwidth"] = ("GB/s", gbps)
+        metrics["copy_fraction"] = ("%", lambda seconds: 100 * gbps(seconds) / run.copy_gbps)
+    if case.images:
+        metrics["throughput"] = ("images/s", partial(truediv, case.images))
+    for baseline in run.baselines[case.op]:
+        base = by_key.get((case, baseline))
+        if baseline != result.backend and base is not None and base.status == "ok":
+            metrics[f"speedup_vs_{baseline}"] = ("x", partial(truediv, base.timing.median))
     return metrics
 
 
@@ -342,7 +460,10 @@ def write_markdown(run: Run, path: Path) -> None:
         f"- tensor copy bandwidth: {run.copy_gbps:.1f} GB/s (the 100% of the % copy columns)",
         "",
         "Times are medians in ms. Speed-up = baseline median / backend median. GB/s counts "
-        "the minimum bytes: each input read once, each output written once. Quantiles in "
+        "the minimum bytes: each input read once, each output written once (each op's "
+        "formula per mode is in the docstring of its bench/ module). Memory: the most "
+        "allocated at once during one training step above what was allocated before it "
+        "(step), and on CUDA torch.cuda.max_memory_allocated (peak). Quantiles in "
         f"[{CSV_NAME}]({CSV_NAME}).",
     ]
     for table in build_tables(run):

@@ -1,6 +1,6 @@
 """Layer shapes of MobileNet V1 (alpha = 1.0, 224x224 input), the benchmark workload (SPEC §3, §6).
 
-Both tables derive from the block list, so the depthwise and pointwise shapes cannot drift apart.
+The depthwise, pointwise and block tables derive from one block list, so they cannot drift apart.
 """
 
 from dataclasses import dataclass
@@ -65,6 +65,42 @@ def _mobilenet_v1_layers() -> tuple[tuple[DepthwiseLayer, ...], tuple[PointwiseL
 MOBILENET_V1_DEPTHWISE, MOBILENET_V1_POINTWISE = _mobilenet_v1_layers()
 
 
-def quick_subset(layers: tuple) -> tuple:
-    """The layers --quick runs: the first (largest), a stride-2, a mid-network and the last one."""
+@dataclass(frozen=True)
+class BlockLayer:
+    """A DepSepConv block: its depthwise half, then its pointwise half."""
+
+    name: str
+    depthwise: DepthwiseLayer
+    pointwise: PointwiseLayer
+
+
+MOBILENET_V1_BLOCKS = tuple(
+    BlockLayer(f"block{index}", dw, pw)
+    for index, (dw, pw) in enumerate(zip(MOBILENET_V1_DEPTHWISE, MOBILENET_V1_POINTWISE), 1)
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MobileNet V1 at a width multiplier and a square input resolution."""
+
+    name: str
+    alpha: float
+    resolution: int
+    num_classes: int = 1000
+
+
+MOBILENET_V1 = ModelConfig("mobilenet_v1", 1.0, 224)
+# --quick only checks that every path runs: a small image keeps its CPU training step short.
+MOBILENET_V1_QUICK = ModelConfig("mobilenet_v1", 1.0, 64)
+
+
+def subset(layers: tuple) -> tuple:
+    """A representative subset: the first (largest), a stride-2, a mid-network and the last
+    layer (the layer tables' repeats, layers 7-11, share one shape)."""
     return tuple(layers[index] for index in (0, 1, 6, 12))
+
+
+def quick_subset(layers: tuple) -> tuple:
+    """The layers --quick runs: a stride-2 layer and the last one (both small on a CPU)."""
+    return tuple(layers[index] for index in (5, 12))

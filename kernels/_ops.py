@@ -335,10 +335,11 @@ def _load_triton_ops():
     """Imports the Triton ops (their schemas come from triton_op) and wires their autograd.
     Returns why not when Triton is missing or broken; the other backends do not need it."""
     try:
-        from . import triton_depthwise  # noqa: F401
+        from . import triton_depthwise, triton_fused  # noqa: F401
     except Exception as exc:  # ImportError, or a Triton that fails to initialise
         return f"Triton is not usable ({type(exc).__name__}: {exc})"
     _register_depthwise_autograd("triton_")
+    register_bn_act_ops("triton_", fakes=False)
     return None
 
 

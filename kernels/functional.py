@@ -8,12 +8,17 @@ from . import _validate, reference
 from ._backend import select_backend
 
 
-def _autocast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Casts like F.conv2d under torch.autocast: floating tensors to the autocast dtype."""
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Casts like F.conv2d under torch.autocast, before validation sees the dtypes: floating
+    tensors to the autocast dtype of the first tensor's device type."""
+    first = tensors[0]
+    device_type = first.device.type if isinstance(first, Tensor) else "cpu"
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors
+    )
 
 
 def depthwise_conv2d(
@@ -35,8 +40,8 @@ def depthwise_conv2d(
     (auto: $DEPSEP_BACKEND, else the fastest available for the device).
     """
     op = "depthwise_conv2d"
+    input, weight, bias = _autocast(input, weight, bias)
     geometry = _validate.depthwise_args(op, input, weight, bias, stride, padding, dilation)
-    input, weight, bias = _autocast(input.device.type, input, weight, bias)
     chosen = select_backend(backend, input.device)
     if chosen == "torch":
         return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
@@ -88,7 +93,6 @@ def _fused(
     act = _validate.bn_act_args(
         op, input, weight.shape[0], *bn, training, momentum, eps, activation, num_batches_tracked
     )
-    input, weight = _autocast(input.device.type, input, weight)
     chosen = select_backend(backend, input.device)
     factor = _momentum_factor(momentum, num_batches_tracked, training)
     if chosen == "torch" or input.numel() == 0:
@@ -142,6 +146,7 @@ def pointwise_bn_act(
     format.
     """
     op = "pointwise_bn_act"
+    input, weight = _autocast(input, weight)
     _validate.pointwise_weight(op, input, weight)
     bn = (running_mean, running_var, bn_weight, bn_bias)
     return _fused(
@@ -183,6 +188,7 @@ def depthwise_bn_act(
     act(F.batch_norm(depthwise_conv2d(input, weight, None, stride, padding, dilation), ...)),
     with weight [C, 1, kH, kW]; the BatchNorm arguments as in pointwise_bn_act."""
     op = "depthwise_bn_act"
+    input, weight = _autocast(input, weight)
     g = _validate.depthwise_args(op, input, weight, None, stride, padding, dilation)
     bn = (running_mean, running_var, bn_weight, bn_bias)
     geometry = (list(g.stride), list(g.padding), list(g.dilation))

@@ -43,9 +43,9 @@ _WGRAD_MAX_CHUNKS = 1024
 
 def _configs(gpu, interpret):
     """Autotune candidates: `gpu` on a GPU (only its first without autotuning), the single
-    `interpret` config under the interpreter."""
+    `interpret` config under the interpreter. Each is (kwargs, num_warps[, num_stages])."""
     chosen = [interpret] if _INTERPRET else gpu if _AUTOTUNE else gpu[:1]
-    return [triton.Config(kwargs, num_warps=num_warps) for kwargs, num_warps in chosen]
+    return [triton.Config(*config) for config in chosen]
 
 
 _GATHER_KEY = ["OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "TRANSPOSED"]
@@ -102,6 +102,83 @@ def _tree_sum_rows(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     return tl.reshape(x, [COLS])
 
 
+@triton.jit
+def _gather_plane_taps(
+    acc,
+    src_plane,
+    w_ptr,
+    c,
+    oh,
+    ow,
+    mask,
+    SH,
+    SW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """acc [BLOCK] plus the sum over taps of src * w at output pixels (oh, ow) of the NCHW plane
+    `src_plane` of channel c. The tap loop of the NCHW gather kernels, here and in
+    triton_fused.py."""
+    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
+        ih, valid_h = _tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
+        for kw in tl.static_range(KW):
+            iw, valid_w = _tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
+            x = tl.load(src_plane + ih * SW + iw, mask=mask & valid_h & valid_w, other=0.0)
+            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw)
+            acc += x.to(acc.dtype) * w.to(acc.dtype)
+    return acc
+
+
+@triton.jit
+def _gather_nhwc_taps(
+    acc,
+    src_ptr,
+    w_ptr,
+    n,
+    oh,
+    ow,
+    p_mask,
+    c,
+    c_mask,
+    C,
+    SH,
+    SW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """acc [BLOCK_P, BLOCK_C] plus the sum over taps of src * w at output pixels (n, oh, ow)
+    [BLOCK_P] and channels c [BLOCK_C] of a channels_last src. The tap loop of the channels_last
+    gather kernels, here and in triton_fused.py."""
+    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
+        ih, valid_h = _tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
+        for kw in tl.static_range(KW):
+            iw, valid_w = _tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
+            pixel = (n * SH + ih) * SW + iw
+            valid = p_mask & valid_h & valid_w
+            x = tl.load(
+                src_ptr + pixel[:, None] * C + c[None, :],
+                mask=valid[:, None] & c_mask[None, :],
+                other=0.0,
+            )
+            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_mask, other=0.0)
+            acc += x.to(acc.dtype) * w.to(acc.dtype)[None, :]
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward / input gradient
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +231,26 @@ def _depthwise_gather_nchw_kernel(
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
-        ih, valid_h = _tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
-        for kw in tl.static_range(KW):
-            iw, valid_w = _tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
-            x = tl.load(src_plane + ih * SW + iw, mask=mask & valid_h & valid_w, other=0.0)
-            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw)
-            acc += x.to(acc.dtype) * w.to(acc.dtype)
+    acc = _gather_plane_taps(
+        acc,
+        src_plane,
+        w_ptr,
+        c,
+        oh,
+        ow,
+        mask,
+        SH,
+        SW,
+        PAD_H,
+        PAD_W,
+        KH,
+        KW,
+        STRIDE_H,
+        STRIDE_W,
+        DIL_H,
+        DIL_W,
+        TRANSPOSED,
+    )
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(acc.dtype)
     tl.store(out_ptr + plane * OH * OW + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -219,19 +309,29 @@ def _depthwise_gather_nhwc_kernel(
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
-        ih, valid_h = _tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
-        for kw in tl.static_range(KW):
-            iw, valid_w = _tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
-            pixel = (n * SH + ih) * SW + iw
-            valid = p_mask & valid_h & valid_w
-            x = tl.load(
-                src_ptr + pixel[:, None] * C + c[None, :],
-                mask=valid[:, None] & c_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_mask, other=0.0)
-            acc += x.to(acc.dtype) * w.to(acc.dtype)[None, :]
+    acc = _gather_nhwc_taps(
+        acc,
+        src_ptr,
+        w_ptr,
+        n,
+        oh,
+        ow,
+        p_mask,
+        c,
+        c_mask,
+        C,
+        SH,
+        SW,
+        PAD_H,
+        PAD_W,
+        KH,
+        KW,
+        STRIDE_H,
+        STRIDE_W,
+        DIL_H,
+        DIL_W,
+        TRANSPOSED,
+    )
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc.dtype)[None, :]
     tl.store(

@@ -1,10 +1,26 @@
-"""MobileNet V1 and its depthwise-separable block.
+"""MobileNet V1 and its depthwise-separable block, and drop-in fast layers for any model.
 
-`mobilenet.reference` holds the plain-PyTorch block and model of SPEC §3 (the user's seed): the
-structure, names and state_dict keys that the drop-in fast layers must reproduce, and the
-baseline of the benchmarks.
+- `DepSepConv`, `MobileNet`: the block and model of SPEC §3 computed by the fused ops, with the
+  reference's constructor, module tree and state_dict keys (`mobilenet.reference` holds the
+  plain-PyTorch originals: the oracle of the tests and the baseline of the benchmarks).
+- `ConvBNAct`, `FusedSequential`, `DepthwiseConv2d`: the fast layers themselves.
+- `convert(model)` swaps them into any model; `revert(model)` takes them out.
+- `input_size(rho)`: the input side for the paper's resolution multiplier.
 """
 
 from . import reference
+from .convert import convert, revert
+from .layers import ConvBNAct, DepSepConv, DepthwiseConv2d, FusedSequential
+from .model import MobileNet, input_size
 
-__all__ = ["reference"]
+__all__ = [
+    "ConvBNAct",
+    "DepSepConv",
+    "DepthwiseConv2d",
+    "FusedSequential",
+    "MobileNet",
+    "convert",
+    "input_size",
+    "reference",
+    "revert",
+]

@@ -9,6 +9,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "depthwise_programs.h"
 
 namespace depsep {
@@ -18,16 +21,21 @@ namespace depsep {
 constexpr int kStrip = 4;
 
 // Which compile-time specialisation a call takes. Vector width is 16 bytes of channels in
-// channels_last when C divides evenly, else one channel per thread.
+// channels_last when C divides evenly and every tensor the program touches starts on a
+// 16-byte boundary (a view with a storage offset may not), else one channel per thread.
 struct DwPlan {
   bool channels_last;
   bool kernel3x3;
   bool vectorized;
 };
 
-inline DwPlan dw_plan(const DwGeometry& g, bool channels_last, int64_t element_size) {
-  const int64_t vec = 16 / element_size;
-  return {channels_last, g.kH == 3 && g.kW == 3, channels_last && g.C % vec == 0};
+inline DwPlan dw_plan(const DwGeometry& g, bool channels_last,
+                      std::initializer_list<const at::Tensor*> tensors) {
+  const int64_t vec = 16 / (*tensors.begin())->element_size();
+  bool aligned = true;
+  for (const at::Tensor* t : tensors)
+    aligned = aligned && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0;
+  return {channels_last, g.kH == 3 && g.kW == 3, channels_last && g.C % vec == 0 && aligned};
 }
 
 template <template <typename, typename, bool, int, int, int, int> class Program, typename T,
@@ -150,7 +158,7 @@ struct ProgramCompute {
 
   static void forward(const DwGeometry& g, bool channels_last, const at::Tensor& x,
                       const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
-    const DwPlan plan = dw_plan(g, channels_last, x.element_size());
+    const DwPlan plan = dw_plan(g, channels_last, {&x, &w, &out});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_fwd", [&] {
       with_spatial_program<DwForwardProgram, scalar_t>(plan, [&](auto program) {
         using P = decltype(program);
@@ -164,7 +172,7 @@ struct ProgramCompute {
 
   static void input_grad(const DwGeometry& g, bool channels_last, const at::Tensor& go,
                          const at::Tensor& w, at::Tensor& grad_input) {
-    const DwPlan plan = dw_plan(g, channels_last, go.element_size());
+    const DwPlan plan = dw_plan(g, channels_last, {&go, &w, &grad_input});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "dw_bwd_in", [&] {
       with_spatial_program<DwInputGradProgram, scalar_t>(plan, [&](auto program) {
         using P = decltype(program);
@@ -179,7 +187,7 @@ struct ProgramCompute {
                           const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
     const DwWeightGradPlan wplan = dw_weight_grad_plan(g);
     const int64_t taps = static_cast<int64_t>(g.kH) * g.kW;
-    const DwPlan plan = dw_plan(g, channels_last, x.element_size());
+    const DwPlan plan = dw_plan(g, channels_last, {&go, &x});
     const bool with_bias = grad_bias.numel() > 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_bwd_w", [&] {
       using Acc = at::opmath_type<scalar_t>;

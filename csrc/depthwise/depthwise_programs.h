@@ -14,14 +14,10 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 
+#include "common/host_device.h"
 #include "depthwise_geometry.h"
-
-#if defined(__CUDACC__)
-#define DEPSEP_HD __host__ __device__ __forceinline__
-#else
-#define DEPSEP_HD inline
-#endif
 
 namespace depsep {
 
@@ -32,6 +28,48 @@ DEPSEP_HD int64_t dw_offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t 
 }
 
 DEPSEP_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// VEC consecutive elements moved as one access: 16 bytes (one LDG.128/STG.128) when the
+// vector fills them. A vector access needs a 16-byte aligned address; dw_plan only picks the
+// vector programs when every base pointer is aligned and C is a multiple of VEC, and the host
+// run checks each address, so a test run proves the GPU's vector accesses are aligned.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) DwVector {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+DEPSEP_HD void dw_check_aligned(const T* p) {
+#if !defined(__CUDA_ARCH__)
+  if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * VEC) != 0)
+    throw std::runtime_error("depsep: misaligned vector access in a depthwise thread program");
+#else
+  (void)p;
+#endif
+}
+
+template <typename T, int VEC>
+DEPSEP_HD void dw_load(const T* p, T (&out)[VEC]) {
+  if constexpr (VEC > 1) {
+    dw_check_aligned<T, VEC>(p);
+    const DwVector<T, VEC> r = *reinterpret_cast<const DwVector<T, VEC>*>(p);
+    for (int v = 0; v < VEC; ++v) out[v] = r.v[v];
+  } else {
+    out[0] = p[0];
+  }
+}
+
+template <typename T, int VEC>
+DEPSEP_HD void dw_store(T* p, const T (&in)[VEC]) {
+  if constexpr (VEC > 1) {
+    dw_check_aligned<T, VEC>(p);
+    DwVector<T, VEC> r;
+    for (int v = 0; v < VEC; ++v) r.v[v] = in[v];
+    *reinterpret_cast<DwVector<T, VEC>*>(p) = r;
+  } else {
+    p[0] = in[0];
+  }
+}
 
 // One tile of output (or input-gradient) elements: VEC channels from c0, one row, STRIP
 // columns from col0. In channels_last the channel vector is the fastest-moving index so that
@@ -103,23 +141,24 @@ struct DwForwardProgram {
       const int64_t ih = t.row * g.sH - g.padT + static_cast<int64_t>(kh) * g.dH;
       if (ih < 0 || ih >= g.H) continue;
       for (int kw = 0; kw < kw_n; ++kw) {
-        Acc wv[VEC];
-        const T* wp = a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0;
-        for (int v = 0; v < VEC; ++v) wv[v] = static_cast<Acc>(wp[v]);
+        T wv[VEC];
+        dw_load<T, VEC>(a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0, wv);
         for (int j = 0; j < STRIP; ++j) {
           const int64_t iw = (t.col0 + j) * g.sW - g.padL + static_cast<int64_t>(kw) * g.dW;
           if (j >= strip_n || iw < 0 || iw >= g.W) continue;
-          for (int v = 0; v < VEC; ++v) {
-            const T x = a.input[dw_offset<ChannelsLast>(t.n, t.c0 + v, ih, iw, g.C, g.H, g.W)];
-            acc[j][v] += static_cast<Acc>(x) * wv[v];
-          }
+          T x[VEC];
+          dw_load<T, VEC>(a.input + dw_offset<ChannelsLast>(t.n, t.c0, ih, iw, g.C, g.H, g.W), x);
+          for (int v = 0; v < VEC; ++v)
+            acc[j][v] += static_cast<Acc>(x[v]) * static_cast<Acc>(wv[v]);
         }
       }
     }
-    for (int j = 0; j < strip_n; ++j)
-      for (int v = 0; v < VEC; ++v)
-        a.output[dw_offset<ChannelsLast>(t.n, t.c0 + v, t.row, t.col0 + j, g.C, g.OH, g.OW)] =
-            static_cast<T>(acc[j][v]);
+    for (int j = 0; j < strip_n; ++j) {
+      T out[VEC];
+      for (int v = 0; v < VEC; ++v) out[v] = static_cast<T>(acc[j][v]);
+      dw_store<T, VEC>(
+          a.output + dw_offset<ChannelsLast>(t.n, t.c0, t.row, t.col0 + j, g.C, g.OH, g.OW), out);
+    }
   }
 };
 
@@ -156,25 +195,26 @@ struct DwInputGradProgram {
       if (th < 0 || th % g.sH != 0 || th / g.sH >= g.OH) continue;
       const int64_t oh = th / g.sH;
       for (int kw = 0; kw < kw_n; ++kw) {
-        Acc wv[VEC];
-        const T* wp = a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0;
-        for (int v = 0; v < VEC; ++v) wv[v] = static_cast<Acc>(wp[v]);
+        T wv[VEC];
+        dw_load<T, VEC>(a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0, wv);
         for (int j = 0; j < STRIP; ++j) {
           const int64_t tw = t.col0 + j + g.padL - static_cast<int64_t>(kw) * g.dW;
           if (j >= strip_n || tw < 0 || tw % g.sW != 0 || tw / g.sW >= g.OW) continue;
           const int64_t ow = tw / g.sW;
-          for (int v = 0; v < VEC; ++v) {
-            const T go =
-                a.grad_output[dw_offset<ChannelsLast>(t.n, t.c0 + v, oh, ow, g.C, g.OH, g.OW)];
-            acc[j][v] += static_cast<Acc>(go) * wv[v];
-          }
+          T go[VEC];
+          dw_load<T, VEC>(
+              a.grad_output + dw_offset<ChannelsLast>(t.n, t.c0, oh, ow, g.C, g.OH, g.OW), go);
+          for (int v = 0; v < VEC; ++v)
+            acc[j][v] += static_cast<Acc>(go[v]) * static_cast<Acc>(wv[v]);
         }
       }
     }
-    for (int j = 0; j < strip_n; ++j)
-      for (int v = 0; v < VEC; ++v)
-        a.grad_input[dw_offset<ChannelsLast>(t.n, t.c0 + v, t.row, t.col0 + j, g.C, g.H, g.W)] =
-            static_cast<T>(acc[j][v]);
+    for (int j = 0; j < strip_n; ++j) {
+      T out[VEC];
+      for (int v = 0; v < VEC; ++v) out[v] = static_cast<T>(acc[j][v]);
+      dw_store<T, VEC>(
+          a.grad_input + dw_offset<ChannelsLast>(t.n, t.c0, t.row, t.col0 + j, g.C, g.H, g.W), out);
+    }
   }
 };
 
@@ -243,14 +283,16 @@ struct DwWeightGradPartialProgram {
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t iw = ow * g.sW - g.padL + kw * g.dW;
           if (!is_bias && (iw < 0 || iw >= g.W)) continue;
-          for (int v = 0; v < VEC; ++v) {
-            const Acc go = static_cast<Acc>(
-                a.grad_output[dw_offset<ChannelsLast>(n, c0 + v, oh, ow, g.C, g.OH, g.OW)]);
-            acc[v] +=
-                is_bias
-                    ? go
-                    : go * static_cast<Acc>(
-                               a.input[dw_offset<ChannelsLast>(n, c0 + v, ih, iw, g.C, g.H, g.W)]);
+          T go[VEC];
+          dw_load<T, VEC>(a.grad_output + dw_offset<ChannelsLast>(n, c0, oh, ow, g.C, g.OH, g.OW),
+                          go);
+          if (is_bias) {
+            for (int v = 0; v < VEC; ++v) acc[v] += static_cast<Acc>(go[v]);
+          } else {
+            T x[VEC];
+            dw_load<T, VEC>(a.input + dw_offset<ChannelsLast>(n, c0, ih, iw, g.C, g.H, g.W), x);
+            for (int v = 0; v < VEC; ++v)
+              acc[v] += static_cast<Acc>(go[v]) * static_cast<Acc>(x[v]);
           }
         }
       }

@@ -1,0 +1,334 @@
+// BatchNorm + activation around a convolution: the math and the single-source thread programs
+// (SPEC §4) that the native fused ops run on the CPU (CpuLauncher) and on the GPU
+// (CudaLauncher), so every CI run executes the GPU code's BN formulas, statistics merge and
+// activation masks.
+//
+// The convolution output y is seen as [N, C, S] (S = OH*OW): channels_last keeps a position's
+// C channels together, NCHW a channel's S positions. Per-channel vectors (statistics, scale,
+// shift, gradient coefficients) are in Acc (float, or double for double tensors).
+//
+// Passes, and the bytes each moves over y (|y| = N*C*S elements):
+// - statistics: partial moments per (chunk of positions, channel), then a fixed-order merge per
+//   channel (deterministic, no atomics): reads y once.
+// - apply: out = act(scale * y + shift) in place: reads and writes y once.
+// - gradient sums: per (chunk, channel) sums of g_z and g_z * (y - mean), where g_z is the
+//   output gradient through the activation mask recomputed from y: reads y and grad_out once.
+// - gradient apply: g_y = k1 * g_z + k2 * (y - mean) + k3 in place of y: reads y and grad_out,
+//   writes g_y.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace depsep {
+
+enum BnActivation : int32_t { kActNone = 0, kActRelu = 1, kActRelu6 = 2 };
+
+// NaN propagates, as through F.relu and F.hardtanh.
+template <typename Acc>
+DEPSEP_HD Acc bn_activate(Acc z, int32_t act) {
+  if (act == kActRelu) return z <= Acc(0) ? Acc(0) : z;
+  if (act == kActRelu6) return z <= Acc(0) ? Acc(0) : (z >= Acc(6) ? Acc(6) : z);
+  return z;
+}
+
+// Where the activation passes the gradient: as PyTorch's threshold_backward (zero where
+// z <= 0) and hardtanh_backward (zero where z <= 0 or z >= 6), so ties at a kink and NaN
+// behave the same.
+template <typename Acc>
+DEPSEP_HD bool bn_activation_passes(Acc z, int32_t act) {
+  if (act == kActRelu) return !(z <= Acc(0));
+  if (act == kActRelu6) return !(z <= Acc(0) || z >= Acc(6));
+  return true;
+}
+
+// Count, mean and sum of squared deviations of a set of values; two sets merge exactly
+// (Chan et al.), which is what makes chunked statistics both stable and order-fixed.
+template <typename Acc>
+struct BnMoments {
+  Acc count, mean, m2;
+};
+
+template <typename Acc>
+DEPSEP_HD BnMoments<Acc> bn_merge(const BnMoments<Acc>& a, const BnMoments<Acc>& b) {
+  const Acc count = a.count + b.count;
+  if (count == Acc(0)) return a;
+  const Acc delta = b.mean - a.mean;
+  const Acc wb = b.count / count;
+  return {count, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
+}
+
+// Moments from sums of values shifted by one of them: s1 = sum(y - shift), s2 = sum((y -
+// shift)^2). The shift keeps s2 - s1^2/n free of cancellation when the mean is large.
+template <typename Acc>
+DEPSEP_HD BnMoments<Acc> bn_moments_from_shifted_sums(Acc count, Acc shift, Acc s1, Acc s2) {
+  if (count == Acc(0)) return {Acc(0), Acc(0), Acc(0)};
+  const Acc d = s1 / count;
+  const Acc m2 = s2 - s1 * d;
+  return {count, shift + d, m2 > Acc(0) ? m2 : Acc(0)};
+}
+
+template <typename Acc>
+DEPSEP_HD Acc bn_invstd(Acc var, Acc eps) {
+  return Acc(1) / sqrt(var + eps);
+}
+
+// Positions per statistics chunk: from the shape only, so results never depend on the device
+// or thread count. At least 64 positions a chunk, at most 1024 chunks.
+inline int64_t bn_chunk_positions(int64_t positions) {
+  const int64_t by_count = (positions + 1023) / 1024;
+  return by_count > 64 ? by_count : 64;
+}
+
+template <bool ChannelsLast>
+DEPSEP_HD int64_t bn_offset(int64_t position, int64_t c, int64_t C, int64_t S) {
+  // position = n * S + s
+  return ChannelsLast ? position * C + c : ((position / S) * C + c) * S + position % S;
+}
+
+// Elements per thread of the elementwise passes: a contiguous run along the inner dimension
+// (channels in channels_last, positions in NCHW).
+constexpr int kBnSpan = 8;
+
+template <bool ChannelsLast>
+struct BnSpan {
+  int64_t begin, end;  // element offsets of the run
+  int64_t c;           // channel of the first element (NCHW: of all of them)
+};
+
+template <bool ChannelsLast>
+DEPSEP_HD int64_t bn_span_count(int64_t N, int64_t C, int64_t S) {
+  const int64_t inner = ChannelsLast ? C : S;
+  const int64_t outer = ChannelsLast ? N * S : N * C;
+  return outer * ((inner + kBnSpan - 1) / kBnSpan);
+}
+
+template <bool ChannelsLast>
+DEPSEP_HD BnSpan<ChannelsLast> bn_span_decode(int64_t idx, int64_t C, int64_t S) {
+  const int64_t inner = ChannelsLast ? C : S;
+  const int64_t spans = (inner + kBnSpan - 1) / kBnSpan;
+  const int64_t outer = idx / spans;
+  const int64_t first = (idx % spans) * kBnSpan;
+  const int64_t last = first + kBnSpan < inner ? first + kBnSpan : inner;
+  return {outer * inner + first, outer * inner + last, ChannelsLast ? first : outer % C};
+}
+
+// Per-channel vectors the passes read.
+template <typename Acc>
+struct BnChannelVectors {
+  const Acc* mean;   // [C]
+  const Acc* scale;  // [C] gamma * invstd
+  const Acc* shift;  // [C] beta - mean * scale
+};
+
+template <typename T, typename Acc>
+struct BnStatsArgs {
+  const T* y;
+  Acc* partial;  // [chunks][3][C]: count, mean, m2
+  int64_t N, C, S, chunk_positions, chunks;
+};
+
+// Statistics pass 1: one thread = one (chunk, channel); neighbouring threads take neighbouring
+// channels, so in channels_last their loads coalesce.
+template <typename T, typename Acc, bool ChannelsLast>
+struct BnStatsPartialProgram {
+  using Args = BnStatsArgs<T, Acc>;
+
+  static int64_t num_threads(const Args& a) { return a.chunks * a.C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const int64_t c = idx % a.C;
+    const int64_t chunk = idx / a.C;
+    const int64_t begin = chunk * a.chunk_positions;
+    const int64_t total = a.N * a.S;
+    const int64_t end = begin + a.chunk_positions < total ? begin + a.chunk_positions : total;
+    const Acc shift = static_cast<Acc>(a.y[bn_offset<ChannelsLast>(begin, c, a.C, a.S)]);
+    Acc s1 = Acc(0), s2 = Acc(0);
+    for (int64_t p = begin; p < end; ++p) {
+      const Acc d = static_cast<Acc>(a.y[bn_offset<ChannelsLast>(p, c, a.C, a.S)]) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+    const BnMoments<Acc> m =
+        bn_moments_from_shifted_sums(static_cast<Acc>(end - begin), shift, s1, s2);
+    Acc* out = a.partial + chunk * 3 * a.C + c;
+    out[0] = m.count;
+    out[a.C] = m.mean;
+    out[2 * a.C] = m.m2;
+  }
+};
+
+template <typename Acc>
+struct BnStatsReduceArgs {
+  const Acc* partial;  // [chunks][3][C]
+  const Acc* gamma;    // [C] or nullptr (1)
+  const Acc* beta;     // [C] or nullptr (0)
+  Acc* mean;           // [C]
+  Acc* var;            // [C] biased
+  Acc* scale;          // [C]
+  Acc* shift;          // [C]
+  Acc eps;
+  int64_t chunks, C;
+};
+
+template <typename Acc>
+DEPSEP_HD void bn_affine(Acc mean, Acc var, Acc eps, const Acc* gamma, const Acc* beta, int64_t c,
+                         Acc* scale, Acc* shift) {
+  const Acc s = (gamma ? gamma[c] : Acc(1)) * bn_invstd(var, eps);
+  scale[c] = s;
+  shift[c] = (beta ? beta[c] : Acc(0)) - mean * s;
+}
+
+// Statistics pass 2: one thread = one channel; merges the chunks in index order, then derives
+// the channel's scale and shift. With chunks == 0 it takes mean and var as given (eval).
+template <typename Acc>
+struct BnStatsReduceProgram {
+  using Args = BnStatsReduceArgs<Acc>;
+
+  static int64_t num_threads(const Args& a) { return a.C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t c) {
+    if (a.chunks > 0) {
+      BnMoments<Acc> m{Acc(0), Acc(0), Acc(0)};
+      for (int64_t k = 0; k < a.chunks; ++k) {
+        const Acc* p = a.partial + k * 3 * a.C + c;
+        m = bn_merge(m, BnMoments<Acc>{p[0], p[a.C], p[2 * a.C]});
+      }
+      a.mean[c] = m.mean;
+      a.var[c] = m.m2 / m.count;
+    }
+    bn_affine(a.mean[c], a.var[c], a.eps, a.gamma, a.beta, c, a.scale, a.shift);
+  }
+};
+
+template <typename T, typename Acc>
+struct BnApplyArgs {
+  T* y;  // in: the convolution output; out: act(scale * y + shift)
+  BnChannelVectors<Acc> v;
+  int64_t N, C, S;
+  int32_t act;
+};
+
+template <typename T, typename Acc, bool ChannelsLast>
+struct BnApplyProgram {
+  using Args = BnApplyArgs<T, Acc>;
+
+  static int64_t num_threads(const Args& a) { return bn_span_count<ChannelsLast>(a.N, a.C, a.S); }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const BnSpan<ChannelsLast> span = bn_span_decode<ChannelsLast>(idx, a.C, a.S);
+    for (int64_t i = span.begin; i < span.end; ++i) {
+      const int64_t c = ChannelsLast ? span.c + (i - span.begin) : span.c;
+      const Acc z = a.v.scale[c] * static_cast<Acc>(a.y[i]) + a.v.shift[c];
+      a.y[i] = static_cast<T>(bn_activate(z, a.act));
+    }
+  }
+};
+
+template <typename T, typename Acc>
+struct BnGradArgs {
+  T* y;  // the recomputed convolution output; the gradient apply pass overwrites it with g_y
+  const T* grad_out;
+  BnChannelVectors<Acc> v;
+  Acc* partial;     // [chunks][2][C]: sum g_z, sum g_z * (y - mean)
+  const Acc* coef;  // [3][C]: k1, k2, k3 of the gradient apply pass
+  int64_t N, C, S, chunk_positions, chunks;
+  int32_t act;
+};
+
+template <typename T, typename Acc, bool ChannelsLast>
+DEPSEP_HD Acc bn_masked_grad(const BnGradArgs<T, Acc>& a, int64_t offset, int64_t c, Acc y) {
+  const Acc z = a.v.scale[c] * y + a.v.shift[c];
+  return bn_activation_passes(z, a.act) ? static_cast<Acc>(a.grad_out[offset]) : Acc(0);
+}
+
+// Gradient pass 1: one thread = one (chunk, channel), like the statistics pass.
+template <typename T, typename Acc, bool ChannelsLast>
+struct BnGradSumsProgram {
+  using Args = BnGradArgs<T, Acc>;
+
+  static int64_t num_threads(const Args& a) { return a.chunks * a.C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const int64_t c = idx % a.C;
+    const int64_t chunk = idx / a.C;
+    const int64_t begin = chunk * a.chunk_positions;
+    const int64_t total = a.N * a.S;
+    const int64_t end = begin + a.chunk_positions < total ? begin + a.chunk_positions : total;
+    const Acc mean = a.v.mean[c];
+    Acc sum_g = Acc(0), sum_gy = Acc(0);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t offset = bn_offset<ChannelsLast>(p, c, a.C, a.S);
+      const Acc y = static_cast<Acc>(a.y[offset]);
+      const Acc g = bn_masked_grad<T, Acc, ChannelsLast>(a, offset, c, y);
+      sum_g += g;
+      sum_gy += g * (y - mean);
+    }
+    a.partial[chunk * 2 * a.C + c] = sum_g;
+    a.partial[(chunk * 2 + 1) * a.C + c] = sum_gy;
+  }
+};
+
+template <typename Acc>
+struct BnGradReduceArgs {
+  const Acc* partial;  // [chunks][2][C]
+  const Acc* gamma;    // [C] or nullptr
+  const Acc* var;      // [C]
+  Acc* grad_gamma;     // [C]
+  Acc* grad_beta;      // [C]
+  Acc* coef;           // [3][C]
+  Acc eps, count;      // count: values per channel
+  int64_t chunks, C;
+  bool training;
+};
+
+// Gradient pass 2: one thread = one channel; sums the chunks in index order. With xhat =
+// (y - mean) * invstd, grad_gamma = sum(g_z * xhat) and grad_beta = sum(g_z). In training the
+// batch statistics depend on y too:
+//   g_y = gamma * invstd * (g_z - sum(g_z)/M - xhat * sum(g_z * xhat)/M)
+//       = k1 * g_z + k2 * (y - mean) + k3;
+// in eval g_y = gamma * invstd * g_z.
+template <typename Acc>
+struct BnGradReduceProgram {
+  using Args = BnGradReduceArgs<Acc>;
+
+  static int64_t num_threads(const Args& a) { return a.C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t c) {
+    Acc sum_g = Acc(0), sum_gy = Acc(0);
+    for (int64_t k = 0; k < a.chunks; ++k) {
+      sum_g += a.partial[k * 2 * a.C + c];
+      sum_gy += a.partial[(k * 2 + 1) * a.C + c];
+    }
+    const Acc invstd = bn_invstd(a.var[c], a.eps);
+    const Acc k1 = (a.gamma ? a.gamma[c] : Acc(1)) * invstd;
+    a.grad_gamma[c] = sum_gy * invstd;
+    a.grad_beta[c] = sum_g;
+    a.coef[c] = k1;
+    a.coef[a.C + c] = a.training ? -k1 * invstd * invstd * sum_gy / a.count : Acc(0);
+    a.coef[2 * a.C + c] = a.training ? -k1 * sum_g / a.count : Acc(0);
+  }
+};
+
+// Gradient pass 3: g_y in place of y, elementwise.
+template <typename T, typename Acc, bool ChannelsLast>
+struct BnGradApplyProgram {
+  using Args = BnGradArgs<T, Acc>;
+
+  static int64_t num_threads(const Args& a) { return bn_span_count<ChannelsLast>(a.N, a.C, a.S); }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const BnSpan<ChannelsLast> span = bn_span_decode<ChannelsLast>(idx, a.C, a.S);
+    for (int64_t i = span.begin; i < span.end; ++i) {
+      const int64_t c = ChannelsLast ? span.c + (i - span.begin) : span.c;
+      const Acc y = static_cast<Acc>(a.y[i]);
+      const Acc g = bn_masked_grad<T, Acc, ChannelsLast>(a, i, c, y);
+      a.y[i] =
+          static_cast<T>(a.coef[c] * g + a.coef[a.C + c] * (y - a.v.mean[c]) + a.coef[2 * a.C + c]);
+    }
+  }
+};
+
+}  // namespace depsep

@@ -1,0 +1,407 @@
+"""mobilenet.convert()/revert() on the reference MobileNet, plain nn.Sequential stacks,
+torchvision-style blocks and (when installed) torchvision's and timm's MobileNets; and
+convert(sync_bn=True) under DistributedDataParallel with two processes (SPEC §2, issue 6)."""
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import mobilenet
+from mobilenet import ConvBNAct, DepthwiseConv2d, FusedSequential, convert, reference, revert
+
+from .test_mobilenet import (  # noqa: F401  (one_thread: an autouse fixture, here too)
+    MODEL_BACKENDS,
+    MODEL_INPUT,
+    NATIVE,
+    assert_same_training,
+    count_fused_calls,
+    one_thread,
+    sample,
+)
+
+
+def snapshot(model: nn.Module):
+    """What revert must give back: each module's name, class and attribute names, and the
+    state."""
+    modules = [(name, type(m), sorted(vars(m))) for name, m in model.named_modules()]
+    return modules, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_snapshot(before, after):
+    assert before[0] == after[0]
+    assert before[1].keys() == after[1].keys()
+    for name, value in before[1].items():
+        assert torch.equal(after[1][name], value), name
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_reference_mobilenet(backend):
+    torch.manual_seed(0)
+    model = reference.MobileNet(0.25, num_classes=10)
+    before = snapshot(model)
+    fast = convert(model, backend=backend, inplace=False)
+    assert_same_snapshot(before, snapshot(model))  # inplace=False: the original is untouched
+    assert list(fast.state_dict()) == list(model.state_dict())
+    # Each block's two halves, exactly; the stem (a full 3x3 conv, attributes) stays as it is.
+    converted = [name for name, m in fast.named_modules() if type(m) is ConvBNAct]
+    assert len(converted) == 26 and "conv5.3.pointwise" in converted
+    assert type(fast.conv1) is nn.Conv2d and type(fast.bn1) is nn.BatchNorm2d
+    with count_fused_calls() as calls:
+        assert_same_training(model, fast, sample(MODEL_INPUT), steps=1, exact=True)
+    assert calls == {("depthwise_bn_act", backend): 26, ("pointwise_bn_act", backend): 26}
+
+
+def plain_stack() -> nn.Sequential:
+    """One of each pattern convert() handles, and of each it must leave alone."""
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 1, bias=False),  # 0-2: pointwise run
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # 3-5: depthwise run, ReLU6
+        nn.BatchNorm2d(8, momentum=0.3),
+        nn.ReLU6(inplace=True),
+        nn.Conv2d(8, 8, 1, bias=False),  # 6-7: conv + BN fused; 8: Hardswish after it
+        nn.BatchNorm2d(8, track_running_stats=False),
+        nn.Hardswish(),
+        nn.Conv2d(8, 8, 1),  # 9-11: a bias before BN: left alone
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False),  # 12-13: grouped, not depthwise
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8),  # 14: bare depthwise (with bias)
+        nn.GELU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False),  # 16-18: dilated run
+        nn.BatchNorm2d(8, affine=False),
+        nn.Identity(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False, padding_mode="reflect"),  # 19: alone
+        nn.BatchNorm2d(8),
+    )
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_plain_sequential_stack(backend):
+    torch.manual_seed(0)
+    model = plain_stack()
+    fast = convert(plain_stack(), backend=backend)
+    fast.load_state_dict(model.state_dict())
+    assert type(fast) is FusedSequential
+    assert fast.fused_runs == {
+        "0": ("0", "1", "2"),
+        "3": ("3", "4", "5"),
+        "6": ("6", "7"),
+        "16": ("16", "17", "18"),
+    }
+    assert type(fast[14]) is DepthwiseConv2d
+    assert all(type(fast[i]) is nn.Conv2d for i in (0, 3, 6, 9, 12, 16, 19))
+    steps = 2
+    with count_fused_calls() as calls:
+        assert_same_training(model, fast, sample((2, 4, 7, 6)), steps=steps)
+    forwards = steps + 1
+    assert calls == {
+        ("pointwise_bn_act", backend): 2 * forwards,
+        ("depthwise_bn_act", backend): 2 * forwards,
+        ("depthwise_conv2d", backend): forwards,
+    }
+
+
+class ConvNormActivation(nn.Sequential):
+    """Shaped like torchvision.ops.Conv2dNormActivation: a Sequential subclass without its own
+    forward, with extra attributes."""
+
+    def __init__(self, cin, cout, kernel=3, stride=1, groups=1, act=nn.ReLU6):
+        layers = [
+            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+        ]
+        super().__init__(*layers, nn.BatchNorm2d(cout), act(inplace=True))
+        self.out_channels = cout
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: the input is used twice (the residual)."""
+
+    def __init__(self, channels, expand):
+        super().__init__()
+        hidden = channels * expand
+        self.conv = nn.Sequential(
+            ConvNormActivation(channels, hidden, 1),
+            ConvNormActivation(hidden, hidden, 3, groups=hidden),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class AttributeBlock(nn.Module):
+    """A custom forward using conv and bn as attributes, the conv output used twice: only the
+    bare depthwise conv may be swapped."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class CustomSequential(nn.Sequential):
+    """A Sequential subclass with its own forward: its children may not feed each other."""
+
+    def forward(self, x):
+        return self[1](self[0](x)) + self[0](x)
+
+
+def mobile_blocks() -> nn.Sequential:
+    return nn.Sequential(
+        ConvNormActivation(3, 8, stride=2),  # full 3x3 conv: left alone
+        InvertedResidual(8, 2),
+        AttributeBlock(8),
+        CustomSequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)),
+        ConvNormActivation(8, 16, 1, act=nn.Hardswish),  # conv + BN fused, Hardswish apart
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_torchvision_style_blocks(backend):
+    torch.manual_seed(0)
+    model = mobile_blocks()
+    before = snapshot(model)
+    fast = convert(copy.deepcopy(model), backend=backend)
+    assert type(fast[0]) is ConvNormActivation
+    inverted = fast[1].conv
+    assert type(inverted) is FusedSequential and inverted.fused_runs == {"2": ("2", "3")}
+    assert type(inverted[0]) is ConvBNAct and type(inverted[1]) is ConvBNAct
+    assert inverted[0].out_channels == 16  # the subclass's attributes stay
+    assert type(fast[2].conv) is DepthwiseConv2d and type(fast[2].bn) is nn.BatchNorm2d
+    assert type(fast[3]) is CustomSequential and type(fast[3][0]) is nn.Conv2d
+    assert type(fast[4]) is FusedSequential and fast[4].fused_runs == {"0": ("0", "1")}
+    assert_same_training(model, fast, sample((2, 3, 8, 8)), steps=2)
+    revert(fast)
+    revert(model)  # nothing converted there: a no-op
+    assert snapshot(fast)[0] == before[0] == snapshot(model)[0]
+
+
+def test_filter_fn_chooses_by_module_and_name():
+    model = reference.MobileNet(0.25, num_classes=10)
+    seen = []
+
+    def only_conv3(conv, fqn):
+        assert isinstance(conv, nn.Conv2d) and model.get_submodule(fqn) is conv
+        seen.append(fqn)
+        return fqn.startswith("conv3.")
+
+    convert(model, filter_fn=only_conv3)
+    assert "conv2.depthwise.0" in seen and "conv6.1.pointwise.0" in seen
+    converted = sorted(name for name, m in model.named_modules() if isinstance(m, ConvBNAct))
+    assert converted == [f"conv3.{i}.{half}" for i in (0, 1) for half in ("depthwise", "pointwise")]
+
+
+def test_keeps_dtype_device_training_flag_requires_grad_and_parameters():
+    torch.manual_seed(0)
+    model = plain_stack().double().eval()
+    model[1].train()  # mixed training flags stay mixed
+    model[0].weight.requires_grad_(False)
+    model[4].bias.requires_grad_(False)
+    reference_model = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    convert(model, backend="torch")
+    assert all(p is params[name] for name, p in model.named_parameters())  # the same objects
+    for (name, a), b in zip(reference_model.named_modules(), model.modules()):
+        assert a.training == b.training, name
+    for name, p in model.named_parameters():
+        assert p.requires_grad == reference_model.get_parameter(name).requires_grad, name
+    x = sample((2, 4, 7, 6), dtype=torch.float64)
+    torch.testing.assert_close(model(x), reference_model(x))
+    torch.testing.assert_close(model[1].running_mean, reference_model[1].running_mean)
+
+
+def test_hooked_modules_are_not_fused():
+    model = plain_stack()
+    calls = []
+    model[4].register_forward_hook(lambda module, args, out: calls.append(1))
+    convert(model, backend="torch")
+    assert "3" not in model.fused_runs and "0" in model.fused_runs
+    assert type(model[3]) is DepthwiseConv2d  # no longer in a run: a bare depthwise conv
+    model(sample((2, 4, 7, 6)))
+    assert calls == [1]
+
+
+def test_convert_twice_and_revert():
+    torch.manual_seed(0)
+    model = mobile_blocks()
+    before = snapshot(model)
+    convert(model, sync_bn=True)
+    once = snapshot(model)
+    convert(model, backend="torch", sync_bn=True)  # nothing left to convert
+    assert snapshot(model)[0] == once[0]
+    fused = [m for m in model.modules() if isinstance(m, FusedSequential)]
+    assert len(fused) == 4 and all(m.sync_bn for m in fused)
+    # The BNs outside fused runs: the stem's, AttributeBlock's, CustomSequential's.
+    synced = [name for name, m in model.named_modules() if type(m) is nn.SyncBatchNorm]
+    assert synced == ["0.1", "2.bn", "3.1"]
+    revert(model)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_sync_bn_of_layers_built_fast_is_reverted():
+    model = nn.Sequential(mobilenet.DepSepConv(4, 8), nn.BatchNorm2d(8))
+    convert(model, sync_bn=True)
+    assert model[0].depthwise.sync_bn and type(model[1]) is nn.SyncBatchNorm
+    revert(model)
+    assert not model[0].depthwise.sync_bn and type(model[1]) is nn.BatchNorm2d
+    assert type(model[0].depthwise) is ConvBNAct
+
+
+def test_sync_bn_without_process_group_is_plain_batchnorm():
+    """Outside torch.distributed, SyncBatchNorm semantics are BatchNorm's."""
+    torch.manual_seed(0)
+    model = ddp_model()
+    fast = convert(copy.deepcopy(model), backend="torch", sync_bn=True)
+    assert fast[0].pointwise.sync_bn and type(fast[0].pointwise[1]) is nn.BatchNorm2d
+    assert_same_training(model, fast, sample((2, 3, 8, 8)), steps=2)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        convert(plain_stack(), backend="cuda")
+
+
+# --- torchvision and timm: test-only dependencies, used when installed ---
+
+
+def _converts_and_matches(model, counts, x):
+    reference_model = copy.deepcopy(model)
+    convert(model, backend="torch")
+    fused = sum(len(m.fused_runs) for m in model.modules() if isinstance(m, FusedSequential))
+    bare = sum(type(m) is DepthwiseConv2d for m in model.modules())
+    assert (fused, bare) == counts
+    assert list(model.state_dict()) == list(reference_model.state_dict())
+    assert_same_training(reference_model, model, x, steps=1, exact=True)
+    revert(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference_model.modules()]
+
+
+def test_torchvision_mobilenet_v2():
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    # 52 Conv2d: the stem is a full 3x3 conv; the other 51 are in conv-BN(-ReLU6) runs.
+    _converts_and_matches(models.mobilenet_v2(weights=None), (51, 0), sample(MODEL_INPUT))
+
+
+def test_torchvision_mobilenet_v3_small():
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.mobilenet_v3_small(weights=None)
+    # 11 depthwise runs, 11 projections (conv + BN), 10 expansions and the last 1x1 conv: 33.
+    # With Hardswish, conv + BN fuse and Hardswish follows. The stem (a full 3x3 conv) and the
+    # squeeze-excitation 1x1 convs (biases, no BN, attributes) are left alone.
+    _converts_and_matches(model, (33, 0), sample((2, 3, 64, 64)))
+
+
+def test_timm_mobilenetv1():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv1_100", pretrained=False, num_classes=10)
+    # timm's blocks call conv_dw, bn1 (BatchNormAct2d), conv_pw, bn2 as attributes: only the
+    # 13 depthwise convs are swapped, as bare DepthwiseConv2d.
+    _converts_and_matches(model, (0, 13), sample(MODEL_INPUT))
+
+
+# --- two processes: DistributedDataParallel with sync_bn ---
+
+DDP_STEPS = 3
+DDP_WORLD = 2
+
+
+def ddp_model() -> nn.Sequential:
+    model = nn.Sequential(
+        reference.DepSepConv(3, 8, stride=2),
+        reference.DepSepConv(8, 16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+    model[1].pointwise[1].momentum = None  # the cumulative average, counted in num_batches_tracked
+    return model
+
+
+def ddp_batch():
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(8, 3, 8, 8, generator=gen), torch.randint(4, (8,), generator=gen)
+
+
+def train_steps(model, images, labels):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(DDP_STEPS):
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+def ddp_worker(rank, init_file, out_dir, backend, state):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=DDP_WORLD
+    )
+    try:
+        model = ddp_model()
+        model.load_state_dict(state)
+        convert(model, backend=backend, sync_bn=True)
+        images, labels = ddp_batch()
+        share = images.shape[0] // DDP_WORLD
+        mine = slice(rank * share, (rank + 1) * share)
+        train_steps(DistributedDataParallel(model), images[mine], labels[mine])
+        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", [NATIVE])
+def test_sync_bn_under_ddp_matches_single_process(backend, tmp_path):
+    """Two processes, each on half of the batch, train as one process on the whole batch does:
+    the fused layers' batch statistics (and so outputs, gradients, running statistics) are the
+    whole batch's. Per-process statistics would differ in every BN."""
+    torch.manual_seed(0)
+    model = ddp_model()
+    state = copy.deepcopy(model.state_dict())
+    # fork: the workers need no imports of their own (seconds each); they use one thread.
+    workers = mp.start_processes(
+        ddp_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), backend, state),
+        nprocs=DDP_WORLD,
+        join=False,
+        start_method="fork",
+    )
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not finish within 120 s")
+    train_steps(model, *ddp_batch())
+    expected = model.state_dict()
+    for rank in range(DDP_WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                got[name],
+                value,
+                atol=1e-5,
+                rtol=1e-4,
+                msg=lambda m, r=rank, n=name: f"rank {r} {n}: {m}",
+            )

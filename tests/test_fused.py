@@ -1,0 +1,439 @@
+"""The fused conv + BatchNorm + activation ops against the "torch" reference (F.conv2d ->
+F.batch_norm -> activation) and against nn.Conv2d + nn.BatchNorm2d + activation modules: outputs,
+running statistics after several steps, and every gradient, in train and eval mode."""
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .common import HAS_CUDA, TOLERANCES, backend_param, skip_unless_cuda_build
+
+FUNCTIONS = {"pointwise": kernels.pointwise_bn_act, "depthwise": kernels.depthwise_bn_act}
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    """One fused layer: a 1x1 conv from c_in to c_out channels, or a depthwise conv (c_out is
+    c_in) with a k x k kernel, stride and padding."""
+
+    conv: str  # pointwise | depthwise
+    n: int
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    layout: str = "nchw"  # nchw | channels_last | sliced
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+
+    def __str__(self):
+        geometry = (
+            "" if self.conv == "pointwise" else f"-k{self.kernel}s{self.stride}p{self.padding}"
+        )
+        shape = f"{self.n}x{self.c_in}x{self.h}x{self.w}-{self.c_out}"
+        return f"{self.conv}-{shape}{geometry}-{self.layout}"
+
+    def conv_args(self):
+        if self.conv == "pointwise":
+            return {}
+        return dict(stride=self.stride, padding=self.padding)
+
+    def make(self, device="cpu", dtype=torch.float32, affine=True, seed=0):
+        """(input, weight, bn_weight, bn_bias, running_mean, running_var): BN tensors in float32
+        (float64 for float64), as nn.BatchNorm2d keeps them under mixed precision."""
+        gen = torch.Generator().manual_seed(seed)
+        if self.layout == "sliced":
+            wide = torch.randn(self.n, 2 * self.c_in, self.h, self.w + 2, generator=gen)
+            x = wide[:, ::2, :, 1:-1]
+        else:
+            x = torch.randn(self.n, self.c_in, self.h, self.w, generator=gen)
+        shape = (self.c_out, self.c_in, 1, 1)
+        if self.conv == "depthwise":
+            shape = (self.c_in, 1, self.kernel, self.kernel)
+        weight = torch.randn(shape, generator=gen) / (shape[1] * shape[2] * shape[3]) ** 0.5
+        bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        c = self.c_out
+        bn = [
+            torch.rand(c, generator=gen) + 0.5,
+            torch.randn(c, generator=gen),
+            torch.randn(c, generator=gen) * 0.1,
+            torch.rand(c, generator=gen) + 0.5,
+        ]
+        x = x.to(device, dtype)
+        if self.layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        bn = [t.to(device, bn_dtype) for t in bn]
+        if not affine:
+            bn[0] = bn[1] = None
+        return (x, weight.to(device, dtype), *bn)
+
+
+def fused_cases() -> list[FusedCase]:
+    """Channel counts 1 to 1024 (odd ones too), batch 1 and more, spatial 1x1 to 56x56, both
+    layouts and a non-contiguous view; depthwise with stride 1 and 2."""
+    cases = []
+    for layout in ("nchw", "channels_last", "sliced"):
+        cases += [
+            FusedCase("pointwise", 2, 3, 5, 4, 4, layout),
+            FusedCase("pointwise", 1, 17, 33, 7, 6, layout),
+            FusedCase("depthwise", 2, 7, 7, 6, 5, layout, 3, 1, 1),
+            FusedCase("depthwise", 1, 16, 16, 9, 9, layout, 3, 2, 1),
+        ]
+    cases += [
+        FusedCase("pointwise", 4, 1, 1, 3, 3),
+        FusedCase("pointwise", 3, 64, 128, 1, 1, "channels_last"),
+        # Two values per channel make BN output +-1 and its input gradient zero up to rounding:
+        # four keep the gradients meaningful.
+        FusedCase("pointwise", 4, 1024, 1024, 1, 1, "channels_last"),
+        FusedCase("pointwise", 1, 8, 16, 56, 56, "channels_last"),
+        FusedCase("pointwise", 2, 32, 24, 14, 14),
+        FusedCase("depthwise", 3, 1, 1, 5, 5),
+        FusedCase("depthwise", 2, 1024, 1024, 2, 3, "channels_last", 3, 1, 1),
+        FusedCase("depthwise", 1, 32, 32, 56, 56, "channels_last", 3, 2, 1),
+        FusedCase("depthwise", 2, 33, 33, 14, 14, "nchw", 3, 1, 1),
+        FusedCase("depthwise", 2, 5, 5, 7, 8, "channels_last", 5, 2, 2),
+    ]
+    return cases
+
+
+def interpreter_cases() -> list[FusedCase]:
+    """Tiny cases for the Triton interpreter."""
+    return [
+        FusedCase("pointwise", 2, 5, 7, 3, 3, "nchw"),
+        FusedCase("pointwise", 1, 16, 8, 4, 5, "channels_last"),
+        FusedCase("depthwise", 2, 5, 5, 5, 4, "channels_last", 3, 1, 1),
+        FusedCase("depthwise", 1, 8, 8, 6, 6, "nchw", 3, 2, 1),
+    ]
+
+
+def run_steps(case, backend, tensors, training, activation="relu", steps=2, momentum=0.1):
+    """`steps` calls on the same running statistics, then a backward of the last output with
+    a fixed gradient. Returns (output, running_mean, running_var, grads of input, weight,
+    bn_weight, bn_bias)."""
+    x, w, bn_w, bn_b, rm, rv = (None if t is None else t.detach().clone() for t in tensors)
+    x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else x
+    params = [t.requires_grad_() for t in (x, w, bn_w, bn_b) if t is not None]
+    for _ in range(steps):
+        out = FUNCTIONS[case.conv](
+            x,
+            w,
+            rm,
+            rv,
+            bn_w,
+            bn_b,
+            training=training,
+            momentum=momentum,
+            activation=activation,
+            backend=backend,
+            **case.conv_args(),
+        )
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, params, grad_out)
+    return out, rm, rv, grads
+
+
+def assert_matches_reference(case, backend, device, dtype, training, activation, affine=True):
+    tensors = case.make(device, dtype, affine)
+    got = run_steps(case, backend, tensors, training, activation)
+    want = run_steps(case, "torch", tensors, training, activation)
+    tol = TOLERANCES[dtype]
+    out, want_out = got[0], want[0]
+    assert out.dtype == want_out.dtype and out.shape == want_out.shape
+    expected_format = (
+        torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    )
+    if case.layout != "sliced":
+        assert out.is_contiguous(memory_format=expected_format)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    torch.testing.assert_close(got[2], want[2], **tol)
+    for name, g, w in zip(("input", "weight", "bn_weight", "bn_bias"), got[3], want[3]):
+        # Gradients sum over the batch: scale the tolerance with the values summed.
+        torch.testing.assert_close(g, w, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10, msg=name)
+
+
+NATIVE_CPU = backend_param("native", "cpu")
+
+
+@pytest.mark.parametrize("case", fused_cases(), ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_native_cpu_float32(case, training):
+    assert_matches_reference(case, "native", "cpu", torch.float32, training, "relu")
+
+
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+@pytest.mark.parametrize(
+    "training, activation, affine, dtype",
+    [
+        (True, "relu6", True, torch.float64),
+        (False, "relu6", False, torch.float64),
+        (True, None, False, torch.float32),
+        (False, None, True, torch.float32),
+        (True, "relu", True, torch.bfloat16),
+        (False, "relu6", True, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_native_cpu_options(conv, training, activation, affine, dtype, layout):
+    """Each activation, BN without affine parameters, float64 and bfloat16."""
+    case = FusedCase(conv, 2, 6, 6 if conv == "depthwise" else 10, 5, 7, layout, 3, 2, 1)
+    assert_matches_reference(case, "native", "cpu", dtype, training, activation, affine)
+
+
+@pytest.mark.parametrize("backend, device", [backend_param("triton", "cpu")])
+@pytest.mark.parametrize("case", interpreter_cases(), ids=str)
+@pytest.mark.parametrize(
+    "training, activation", [(True, "relu"), (False, "relu6"), (True, None)], ids=str
+)
+def test_triton_interpreter(backend, device, case, training, activation):
+    assert_matches_reference(case, backend, device, torch.float32, training, activation)
+
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    "backend, device", [backend_param(b, "cuda") for b in ("native", "triton")]
+)
+@pytest.mark.parametrize("case", fused_cases(), ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu(backend, device, case, dtype, training):
+    assert_matches_reference(case, backend, device, dtype, training, "relu")
+
+
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["relu6", None])
+def test_gradcheck_native_float64(conv, training, activation):
+    case = FusedCase(conv, 2, 3, 3 if conv == "depthwise" else 4, 4, 3, "channels_last", 3, 2, 1)
+    x, w, bn_w, bn_b, rm, rv = case.make(dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, bn_w, bn_b)]
+
+    def fn(x, w, bn_w, bn_b):
+        return FUNCTIONS[conv](
+            x,
+            w,
+            rm.clone(),
+            rv.clone(),
+            bn_w,
+            bn_b,
+            training=training,
+            activation=activation,
+            backend="native",
+            **case.conv_args(),
+        )
+
+    torch.autograd.gradcheck(fn, inputs)
+
+
+def _modules(case, tensors, activation_module):
+    """nn.Conv2d + nn.BatchNorm2d + activation holding the case's weights."""
+    x, w, bn_w, bn_b, rm, rv = tensors
+    if case.conv == "pointwise":
+        conv = nn.Conv2d(case.c_in, case.c_out, 1, bias=False)
+    else:
+        conv = nn.Conv2d(
+            case.c_in,
+            case.c_in,
+            case.kernel,
+            case.stride,
+            case.padding,
+            groups=case.c_in,
+            bias=False,
+        )
+    bn = nn.BatchNorm2d(case.c_out, momentum=None)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        bn.weight.copy_(bn_w)
+        bn.bias.copy_(bn_b)
+        bn.running_mean.copy_(rm)
+        bn.running_var.copy_(rv)
+    return nn.Sequential(conv, bn, activation_module)
+
+
+@pytest.mark.parametrize("backend, device", [NATIVE_CPU])
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+def test_matches_modules_over_steps(backend, device, conv):
+    """Three training steps then eval, against nn.Conv2d + nn.BatchNorm2d(momentum=None) +
+    nn.ReLU6: the cumulative running average counted in num_batches_tracked, outputs and the
+    gradients of the module parameters."""
+    case = FusedCase(conv, 2, 6, 6 if conv == "depthwise" else 9, 6, 6, "channels_last", 3, 1, 1)
+    tensors = case.make()
+    reference = _modules(case, tensors, nn.ReLU6())
+    fused = _modules(case, tensors, nn.ReLU6())
+    conv_m, bn = fused[0], fused[1]
+    for step in range(4):
+        training = step < 3
+        reference.train(training)
+        x = torch.randn(3, case.c_in, 6, 6, generator=torch.Generator().manual_seed(step))
+        x = x.contiguous(memory_format=torch.channels_last)
+        want = reference(x)
+        got = FUNCTIONS[conv](
+            x,
+            conv_m.weight,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            training=training,
+            momentum=None,
+            eps=bn.eps,
+            activation="relu6",
+            backend=backend,
+            num_batches_tracked=bn.num_batches_tracked,
+            **case.conv_args(),
+        )
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(bn.running_mean, reference[1].running_mean)
+        torch.testing.assert_close(bn.running_var, reference[1].running_var)
+        assert int(bn.num_batches_tracked) == int(reference[1].num_batches_tracked)
+        want.square().sum().backward()
+        got.square().sum().backward()
+    for p, q in zip(fused.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend, device", [NATIVE_CPU])
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autograd_saves_no_activation(backend, device, conv, training):
+    """What autograd keeps per fused op: its input, its weights and per-channel statistics;
+    no other tensor the size of an activation (the BN output and the activation mask are
+    recomputed in backward)."""
+    case = FusedCase(conv, 2, 8, 8 if conv == "depthwise" else 16, 16, 16, "channels_last")
+    x, w, bn_w, bn_b, rm, rv = case.make()
+    x.requires_grad_()
+    params = [t.requires_grad_() for t in (w, bn_w, bn_b)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = FUNCTIONS[conv](
+            x, w, rm, rv, bn_w, bn_b, training=training, backend=backend, **case.conv_args()
+        )
+    activation_size = min(x.numel(), out.numel())
+    big = [t for t in saved if t.numel() >= activation_size // 8]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), [tuple(t.shape) for t in saved]
+    small_bytes = sum(t.numel() * t.element_size() for t in saved if t is not big[0])
+    assert small_bytes <= sum(p.numel() * p.element_size() for p in params) + 2 * 8 * out.shape[1]
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in params)
+
+
+def _opcheck_samples(device):
+    for conv, training in itertools.product(("pointwise", "depthwise"), (True, False)):
+        case = FusedCase(conv, 2, 4, 4 if conv == "depthwise" else 6, 5, 5, "channels_last")
+        x, w, bn_w, bn_b, rm, rv = case.make(device)
+        geometry = [] if conv == "pointwise" else [[1, 1], [1, 1, 1, 1], [1, 1]]
+        running = [None, None] if training else [rm, rv]
+        fwd = getattr(torch.ops.depsep, f"{conv}_bn_act_fwd").default
+        yield fwd, (x.requires_grad_(), w, *geometry, bn_w, bn_b, *running, training, 1e-5, "relu")
+        out, mean, var = fwd(x, w, *geometry, bn_w, bn_b, *running, training, 1e-5, "relu")
+        bwd = getattr(torch.ops.depsep, f"{conv}_bn_act_bwd").default
+        args = (torch.randn_like(out), x.detach(), w, *geometry, bn_w, bn_b, mean, var)
+        yield bwd, (*args, training, 1e-5, "relu6", [True, True, True, True])
+        yield bwd, (*args, training, 1e-5, "none", [False, True, False, True])
+
+
+@pytest.mark.parametrize("backend, device", [NATIVE_CPU, backend_param("native", "cuda")])
+def test_opcheck(backend, device):
+    for operator, args in _opcheck_samples(device):
+        torch.library.opcheck(operator, args)
+
+
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+def test_compile_fullgraph_cpu(conv):
+    """torch.compile traces the fused op (fake kernel) and the running-statistics update with
+    no graph break."""
+    case = FusedCase(conv, 2, 8, 8 if conv == "depthwise" else 12, 6, 6, "channels_last")
+    x, w, bn_w, bn_b, rm, rv = case.make()
+
+    def block(x, w, rm, rv):
+        return FUNCTIONS[conv](
+            x, w, rm, rv, bn_w, bn_b, training=True, backend="native", **case.conv_args()
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    rm2, rv2 = rm.clone(), rv.clone()
+    torch.testing.assert_close(compiled(x, w, rm, rv), block(x, w, rm2, rv2))
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+
+
+def test_deterministic_native_cpu():
+    """The statistics and gradient sums reduce in a fixed order: same bits every run."""
+    case = FusedCase("pointwise", 4, 16, 32, 20, 20, "channels_last")
+    tensors = case.make()
+    first = run_steps(case, "native", tensors, True)
+    second = run_steps(case, "native", tensors, True)
+    for a, b in zip([first[0], first[1], *first[3]], [second[0], second[1], *second[3]]):
+        assert torch.equal(a, b)
+
+
+def test_nan_propagates_like_reference():
+    case = FusedCase("depthwise", 1, 4, 4, 5, 5, "channels_last")
+    x, w, bn_w, bn_b, rm, rv = case.make()
+    x[0, 1, 2, 2] = float("nan")
+    got = kernels.depthwise_bn_act(
+        x, w, rm, rv, bn_w, bn_b, padding=1, training=False, backend="native"
+    )
+    want = kernels.depthwise_bn_act(
+        x, w, rm, rv, bn_w, bn_b, padding=1, training=False, backend="torch"
+    )
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+def test_empty_batch_like_reference(conv):
+    case = FusedCase(conv, 0, 4, 4 if conv == "depthwise" else 6, 5, 5)
+    x, w, bn_w, bn_b, rm, rv = case.make()
+    rm_before = rm.clone()
+    out = FUNCTIONS[conv](
+        x, w, rm, rv, bn_w, bn_b, training=True, backend="native", **case.conv_args()
+    )
+    assert out.shape[0] == 0 and out.shape[1] == case.c_out
+    torch.testing.assert_close(rm, rm_before)
+
+
+def test_autocast_cpu_bfloat16():
+    """Under autocast the convolution runs in the autocast dtype with float32 BN statistics, as
+    conv + nn.BatchNorm2d do."""
+    case = FusedCase("pointwise", 2, 8, 16, 5, 5, "channels_last")
+    x, w, bn_w, bn_b, rm, rv = case.make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels.pointwise_bn_act(
+            x, w, rm.clone(), rv.clone(), bn_w, bn_b, training=True, backend="native"
+        )
+        want = F.relu(F.batch_norm(F.conv2d(x, w), rm.clone(), rv.clone(), bn_w, bn_b, True))
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.bfloat16])
+
+
+def test_cuda_kernels_registered():
+    if skip_unless_cuda_build():
+        pytest.skip("CPU-only build")
+    for conv, which in itertools.product(("pointwise", "depthwise"), ("fwd", "bwd")):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"depsep::{conv}_bn_act_{which}", "CUDA"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_gpu_channels_last_half_train_steps(backend):
+    """A MobileNet-sized layer in float16 training, against the reference on the GPU."""
+    case = FusedCase("pointwise", 8, 128, 256, 28, 28, "channels_last")
+    assert_matches_reference(case, backend, "cuda", torch.float16, True, "relu")
