@@ -72,6 +72,7 @@ DEFAULT_PLANS = {
     },
 }
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16",)}
+QUICK_BATCH = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="every op and mode on 2 layers (the model at 64x64), both layouts, short timing, "
-        "no torch.compile unless --backends names it",
+        help="every op and mode on one layer (the model at 64x64), batch 2, both layouts, short "
+        "timing, no torch.compile unless --backends names it",
     )
     parser.add_argument(
         "--time-limit",
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         layers = "quick" if args.quick else args.layers or plan.layers
         modes = args.modes or (op.modes if args.quick else plan.modes)
         layouts = args.layouts or (LAYOUTS if args.quick else plan.layouts)
-        batch = args.batch or op.default_batch[device.type]
+        batch = args.batch or (QUICK_BATCH if args.quick else op.default_batch[device.type])
         cases = make_cases(op, op.layer_set(layers), batch, dtypes, layouts, modes)
         backends = backends_for(op, cases, args.backends, availability, device)
         if args.backends is None:

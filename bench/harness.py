@@ -5,6 +5,8 @@ backend against the "torch" reference and times only those that agree. The torch
 baselines of every op are built here too (`compile_reference`), so all ops compile alike.
 """
 
+import copy
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,14 +36,13 @@ _TOLERANCE = {
     torch.float16: 2e-3,
     torch.bfloat16: 2e-2,
 }
-# The fraction of an output's elements that may miss the tolerance (check_close): measured
-# between PyTorch's own float64, float32 and bfloat16 results for the MobileNet V1 layers and
-# blocks, as much as 0.01% (float32) and 1.3% (bfloat16) of a gradient's elements differ so.
+# The fraction of an output's elements that may always miss the tolerance (check_close):
+# PyTorch's own float32 gradients of the MobileNet V1 blocks miss up to 0.01%.
 _ALLOWED_MISSES = {
     torch.float64: 1e-4,
     torch.float32: 1e-3,
-    torch.float16: 3e-2,
-    torch.bfloat16: 3e-2,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
 }
 # Timings take at least this many samples, so that slow calls (a model's training step) still
 # get a median and a spread.
@@ -185,7 +186,7 @@ def make_timer(device: torch.device, quick: bool) -> Callable[[Callable[[], Any]
 
         return time_cuda
 
-    base_run_time = 0.05 if quick else 0.3
+    base_run_time = 0.02 if quick else 0.3
 
     def time_cpu(fn):
         start = time.perf_counter()
@@ -301,14 +302,18 @@ class Deadline:
 
 
 def check_close(
-    actual: Outputs, expected: Outputs, dtype: torch.dtype, scale: float = 1.0
+    actual: Outputs, expected: Outputs, truth: Outputs, dtype: torch.dtype, scale: float = 1.0
 ) -> str | None:
-    """None when every output matches the reference, else one line about the first mismatch.
+    """None when a backend's outputs pass, else one line about the first that does not.
 
-    A correct kernel rounds differently from PyTorch, which flips the ReLU of a few values near
-    zero and so changes a few gradient elements by their full size; so a small fraction of the
-    elements may miss the tolerance (_ALLOWED_MISSES). A wrong kernel misses many more, or
-    gives a non-finite value where the reference has none.
+    `expected` holds the reference's outputs in the case's dtype, `truth` the reference's in
+    float64 from the same inputs. Elements farther from the truth than the dtype's tolerance are
+    misses. A correct kernel rounds differently from PyTorch, which flips the ReLU of values
+    near zero and so changes some gradient elements by their full size; and in low precision
+    PyTorch itself misses many elements of some gradients (measured in bfloat16: up to 11% of a
+    BatchNorm bias gradient). So a backend passes with at most twice PyTorch's misses, or
+    _ALLOWED_MISSES, whichever is more, and no non-finite value where the truth has none; a
+    wrong kernel misses far more.
     """
     tolerance = _TOLERANCE[dtype] * scale
     for name, reference in expected.items():
@@ -316,22 +321,50 @@ def check_close(
         if value is None or value.shape != reference.shape or value.dtype != reference.dtype:
             got = "nothing" if value is None else f"{value.dtype} {tuple(value.shape)}"
             return f"{name}: got {got}, expected {reference.dtype} {tuple(reference.shape)}"
-        if reference.numel() == 0:
+        exact = truth[name].double()
+        if exact.numel() == 0:
             continue
-        atol = tolerance * max(reference.abs().max().item(), 1.0)
-        misses = ~torch.isclose(value, reference, rtol=tolerance, atol=atol, equal_nan=True)
-        non_finite = (~value.isfinite() & reference.isfinite()).sum().item()
+        atol = tolerance * max(exact.abs().max().item(), 1.0)
+        non_finite = (~value.isfinite() & exact.isfinite()).sum().item()
         if non_finite:
             return f"{name}: {non_finite} non-finite values where the reference is finite"
-        fraction = misses.float().mean().item()
-        if fraction > _ALLOWED_MISSES[dtype]:
-            worst = (value.double() - reference.double()).abs().max().item()
+
+        reference_misses = _misses(reference, exact, tolerance, atol)
+        allowed = max(_ALLOWED_MISSES[dtype], 2 * reference_misses)
+        fraction = _misses(value, exact, tolerance, atol)
+        if fraction > allowed:
+            worst = (value.double() - exact).abs().max().item()
             return (
-                f"{name}: {fraction:.2%} of the elements beyond tolerance (at most "
-                f"{_ALLOWED_MISSES[dtype]:.1%} allowed); greatest difference {worst:.3g} "
-                f"(tolerance {atol:.3g})"
+                f"{name}: {fraction:.2%} of the elements off the float64 result by more than "
+                f"{atol:.3g} (torch: {reference_misses:.2%}, allowed {allowed:.2%}); "
+                f"greatest difference {worst:.3g}"
             )
     return None
+
+
+def _misses(x: torch.Tensor, exact: torch.Tensor, rtol: float, atol: float) -> float:
+    """The fraction of x's elements off `exact` by more than the tolerance."""
+    close = torch.isclose(x.double(), exact, rtol=rtol, atol=atol, equal_nan=True)
+    return 1.0 - close.double().mean().item()
+
+
+def _upcast(inputs: Any) -> Any:
+    """An op's inputs record with every floating tensor and module in float64."""
+
+    def upcast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.double()
+        if isinstance(value, torch.nn.Module):
+            return copy.deepcopy(value).double()
+        return value
+
+    fields = dataclasses.fields(inputs)
+    return dataclasses.replace(inputs, **{f.name: upcast(getattr(inputs, f.name)) for f in fields})
+
+
+def _outputs(runner: Runner) -> Outputs:
+    # Copies: the running statistics of a training-mode runner move on at its next call.
+    return {name: tensor.detach().clone() for name, tensor in runner().items()}
 
 
 def run_case(
@@ -361,8 +394,14 @@ def run_case(
     try:
         inputs = op.make_inputs(case, device)
         reference_runner = op.make_runner(case, inputs, REFERENCE)
-        # A copy: the reference's running statistics move on while it is timed.
-        expected = {name: t.detach().clone() for name, t in reference_runner().items()}
+        expected = _outputs(reference_runner)
+        if not any(reason is None for reason in reasons.values()):
+            truth = expected  # nothing to check
+        elif case.dtype == torch.float64:
+            truth = expected
+        else:
+            case64 = dataclasses.replace(case, dtype=torch.float64)
+            truth = _outputs(op.make_runner(case64, _upcast(inputs), REFERENCE))
         results = []
         if REFERENCE in backends:
             reason = deadline.reason_to_skip(REFERENCE)
@@ -390,7 +429,9 @@ def run_case(
         if reason is not None:
             results.append(Result(case, backend, "skipped", detail=reason))
             continue
-        results.append(_check_and_time(op, case, inputs, backend, expected, time_fn, device))
+        results.append(
+            _check_and_time(op, case, inputs, backend, (expected, truth), time_fn, device)
+        )
     return results
 
 
@@ -410,10 +451,10 @@ def _timed(op, case, inputs, backend, runner, time_fn, device) -> Result:
     return Result(case, backend, "ok", timing, remark, memory)
 
 
-def _check_and_time(op, case, inputs, backend, expected, time_fn, device) -> Result:
+def _check_and_time(op, case, inputs, backend, references, time_fn, device) -> Result:
     try:
         runner = op.make_runner(case, inputs, backend)
-        mismatch = check_close(runner(), expected, case.dtype, op.tolerance_scale)
+        mismatch = check_close(runner(), *references, case.dtype, op.tolerance_scale)
         if mismatch is not None:
             return Result(case, backend, "wrong", detail=mismatch)
         return _timed(op, case, inputs, backend, runner, time_fn, device)

@@ -198,9 +198,10 @@ FUSED_CONVS = {
 ACTIVATIONS = ("relu", "relu6", "none")
 
 
-def define_bn_act_ops(prefix: str) -> None:
+def define_bn_act_ops(prefix: str, convs=tuple(FUSED_CONVS)) -> None:
     """Defines the schemas of one backend's fused ops (the native ones, or for a test)."""
-    for conv, geometry in FUSED_CONVS.items():
+    for conv in convs:
+        geometry = FUSED_CONVS[conv]
         _LIB.define(
             f"{prefix}{conv}_bn_act_fwd(Tensor input, Tensor weight, {geometry}"
             "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
@@ -316,10 +317,10 @@ def _register_bn_act_autograd(prefix: str, conv: str) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
-def register_bn_act_ops(prefix: str, fakes: bool = True) -> None:
+def register_bn_act_ops(prefix: str, fakes: bool = True, convs=tuple(FUSED_CONVS)) -> None:
     """Autograd, and the fakes unless triton_op brings its own, of one backend's fused ops,
     whose schemas exist already."""
-    for conv in FUSED_CONVS:
+    for conv in convs:
         if fakes:
             name = f"depsep::{prefix}{conv}_bn_act"
             torch.library.register_fake(f"{name}_fwd", _bn_act_fwd_fake(conv))
@@ -329,6 +330,9 @@ def register_bn_act_ops(prefix: str, fakes: bool = True) -> None:
 
 define_bn_act_ops("")
 register_bn_act_ops("")
+# The CUDA kernels' fused depthwise thread programs run on the host: CPU-only, test-only.
+define_bn_act_ops("_host_programs_", convs=("depthwise",))
+register_bn_act_ops("_host_programs_", convs=("depthwise",))
 
 
 def _load_triton_ops():

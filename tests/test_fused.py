@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels import _validate, functional
 
 from .common import HAS_CUDA, TOLERANCES, backend_param, skip_unless_cuda_build
 
@@ -120,8 +121,9 @@ def run_steps(case, backend, tensors, training, activation="relu", steps=2, mome
     x, w, bn_w, bn_b, rm, rv = (None if t is None else t.detach().clone() for t in tensors)
     x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else x
     params = [t.requires_grad_() for t in (x, w, bn_w, bn_b) if t is not None]
+    fn = host_programs_depthwise_bn_act if backend == "host_programs" else FUNCTIONS[case.conv]
     for _ in range(steps):
-        out = FUNCTIONS[case.conv](
+        out = fn(
             x,
             w,
             rm,
@@ -137,6 +139,23 @@ def run_steps(case, backend, tensors, training, activation="relu", steps=2, mome
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     grads = torch.autograd.grad(out, params, grad_out)
     return out, rm, rv, grads
+
+
+def host_programs_depthwise_bn_act(
+    x, w, rm, rv, bn_w, bn_b, *, training, momentum, activation, backend, stride, padding
+):
+    """depthwise_bn_act through the test-only op that runs the CUDA kernels' fused thread
+    programs (BN statistics pass, forward with the BN epilogue) on the host."""
+    g = _validate.depthwise_args("test", x, w, None, stride, padding, 1)
+    geometry = (list(g.stride), list(g.padding), list(g.dilation))
+    running = (None, None) if training else (rm, rv)
+    out, mean, var = torch.ops.depsep._host_programs_depthwise_bn_act_fwd(
+        x, w, *geometry, bn_w, bn_b, *running, training, 1e-5, activation or "none"
+    )
+    if training:
+        count = out.shape[0] * out.shape[2] * out.shape[3]
+        functional._update_running_stats(rm, rv, mean, var, momentum, count)
+    return out
 
 
 def assert_matches_reference(case, backend, device, dtype, training, activation, affine=True):
@@ -185,6 +204,18 @@ def test_native_cpu_options(conv, training, activation, affine, dtype, layout):
     """Each activation, BN without affine parameters, float64 and bfloat16."""
     case = FusedCase(conv, 2, 6, 6 if conv == "depthwise" else 10, 5, 7, layout, 3, 2, 1)
     assert_matches_reference(case, "native", "cpu", dtype, training, activation, affine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case", [c for c in fused_cases() if c.conv == "depthwise" and c.c_in < 1024], ids=str
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_fused_depthwise_programs_on_host(case, dtype, training):
+    """SPEC §4: the CUDA kernels' fused depthwise programs (statistics recomputed without
+    writing the convolution, then the forward with the BN and activation epilogue), run for
+    every thread index on the host, in every dtype; backward through the same programs."""
+    assert_matches_reference(case, "host_programs", "cpu", dtype, training, "relu6")
 
 
 @pytest.mark.parametrize("backend, device", [backend_param("triton", "cpu")])

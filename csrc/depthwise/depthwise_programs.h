@@ -16,7 +16,9 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common/activation.h"
 #include "common/host_device.h"
+#include "common/moments.h"
 #include "depthwise_geometry.h"
 
 namespace depsep {
@@ -106,20 +108,50 @@ DEPSEP_HD DwTile dw_tile_decode(int64_t idx, int64_t C, int64_t rows, int64_t co
   return t;
 }
 
-template <typename T>
+template <typename T, typename Acc>
 struct DwForwardArgs {
   const T* input;   // [N, C, H, W] in the program's layout
   const T* weight;  // [kH*kW][C], tap-major
   const T* bias;    // [C] or nullptr
   T* output;        // [N, C, OH, OW] in the program's layout
   DwGeometry g;
+  // The fused ops' epilogue: out = act(bn_scale * conv + bn_shift) when bn_scale is set.
+  const Acc* bn_scale = nullptr;
+  const Acc* bn_shift = nullptr;
+  int32_t act = kActNone;
 };
+
+// Adds the taps of one tile (VEC channels from c0 of image n, output row `row`, strip_n
+// columns from col0) to acc: the forward convolution's inner loops, shared by the forward and
+// the fused statistics pass.
+template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+DEPSEP_HD void dw_forward_taps(const T* input, const T* weight, const DwGeometry& g, int64_t n,
+                               int64_t c0, int64_t row, int64_t col0, int64_t strip_n,
+                               Acc (&acc)[STRIP][VEC]) {
+  const int kh_n = KH > 0 ? KH : g.kH;
+  const int kw_n = KW > 0 ? KW : g.kW;
+  for (int kh = 0; kh < kh_n; ++kh) {
+    const int64_t ih = row * g.sH - g.padT + static_cast<int64_t>(kh) * g.dH;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int kw = 0; kw < kw_n; ++kw) {
+      T wv[VEC];
+      dw_load<T, VEC>(weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + c0, wv);
+      for (int j = 0; j < STRIP; ++j) {
+        const int64_t iw = (col0 + j) * g.sW - g.padL + static_cast<int64_t>(kw) * g.dW;
+        if (j >= strip_n || iw < 0 || iw >= g.W) continue;
+        T x[VEC];
+        dw_load<T, VEC>(input + dw_offset<ChannelsLast>(n, c0, ih, iw, g.C, g.H, g.W), x);
+        for (int v = 0; v < VEC; ++v) acc[j][v] += static_cast<Acc>(x[v]) * static_cast<Acc>(wv[v]);
+      }
+    }
+  }
+}
 
 // Forward: out[n,c,oh,ow] = bias[c] + sum_{kh,kw} in[n,c,oh*sH-padT+kh*dH, ow*sW-padL+kw*dW] * w.
 // KH/KW > 0 fix the kernel size at compile time (the 3x3 fast path); 0 means read it from g.
 template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
 struct DwForwardProgram {
-  using Args = DwForwardArgs<T>;
+  using Args = DwForwardArgs<T, Acc>;
 
   static int64_t num_threads(const DwGeometry& g) {
     return dw_tile_count<ChannelsLast, VEC, STRIP>(g.N, g.C, g.OH, g.OW);
@@ -128,8 +160,6 @@ struct DwForwardProgram {
   DEPSEP_HD static void run(const Args& a, int64_t idx) {
     const DwGeometry& g = a.g;
     const DwTile t = dw_tile_decode<ChannelsLast, VEC, STRIP>(idx, g.C, g.OH, g.OW);
-    const int kh_n = KH > 0 ? KH : g.kH;
-    const int kw_n = KW > 0 ? KW : g.kW;
     const int64_t strip_n = g.OW - t.col0 < STRIP ? g.OW - t.col0 : STRIP;
 
     Acc acc[STRIP][VEC];
@@ -137,25 +167,16 @@ struct DwForwardProgram {
       const Acc b = a.bias != nullptr ? static_cast<Acc>(a.bias[t.c0 + v]) : Acc(0);
       for (int j = 0; j < STRIP; ++j) acc[j][v] = b;
     }
-    for (int kh = 0; kh < kh_n; ++kh) {
-      const int64_t ih = t.row * g.sH - g.padT + static_cast<int64_t>(kh) * g.dH;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int kw = 0; kw < kw_n; ++kw) {
-        T wv[VEC];
-        dw_load<T, VEC>(a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0, wv);
-        for (int j = 0; j < STRIP; ++j) {
-          const int64_t iw = (t.col0 + j) * g.sW - g.padL + static_cast<int64_t>(kw) * g.dW;
-          if (j >= strip_n || iw < 0 || iw >= g.W) continue;
-          T x[VEC];
-          dw_load<T, VEC>(a.input + dw_offset<ChannelsLast>(t.n, t.c0, ih, iw, g.C, g.H, g.W), x);
-          for (int v = 0; v < VEC; ++v)
-            acc[j][v] += static_cast<Acc>(x[v]) * static_cast<Acc>(wv[v]);
-        }
-      }
-    }
+    dw_forward_taps<T, Acc, ChannelsLast, KH, KW, VEC, STRIP>(a.input, a.weight, g, t.n, t.c0,
+                                                              t.row, t.col0, strip_n, acc);
     for (int j = 0; j < strip_n; ++j) {
       T out[VEC];
-      for (int v = 0; v < VEC; ++v) out[v] = static_cast<T>(acc[j][v]);
+      for (int v = 0; v < VEC; ++v) {
+        Acc r = acc[j][v];
+        if (a.bn_scale != nullptr)
+          r = bn_activate(a.bn_scale[t.c0 + v] * r + a.bn_shift[t.c0 + v], a.act);
+        out[v] = static_cast<T>(r);
+      }
       dw_store<T, VEC>(
           a.output + dw_offset<ChannelsLast>(t.n, t.c0, t.row, t.col0 + j, g.C, g.OH, g.OW), out);
     }
@@ -327,6 +348,84 @@ struct DwWeightGradReduceProgram {
       a.grad_bias[c] = static_cast<T>(sum);
     else
       a.grad_weight[c * a.taps + tap] = static_cast<T>(sum);
+  }
+};
+
+// Output rows per thread of the fused statistics pass: from the shape only (so results do not
+// depend on the device), at least 64 positions a chunk, and up to 8192 chunks, so that even
+// the 32-channel MobileNet layers give a GPU thousands of threads.
+DEPSEP_HD DwWeightGradPlan dw_bn_stats_plan(const DwGeometry& g) {
+  const int64_t rows = g.N * g.OH;
+  const int64_t positions = rows * g.OW;
+  int64_t target = ceil_div(positions, 8192);
+  if (target < 64) target = 64;
+  int64_t rows_per_chunk = g.OW > 0 ? ceil_div(target, g.OW) : 1;
+  if (rows_per_chunk > rows) rows_per_chunk = rows > 0 ? rows : 1;
+  return {rows_per_chunk, ceil_div(rows, rows_per_chunk)};
+}
+
+template <typename T, typename Acc>
+struct DwBnStatsArgs {
+  const T* input;   // [N, C, H, W]
+  const T* weight;  // [kH*kW][C], tap-major
+  Acc* partial;     // [chunks][3][C]: count, mean, m2 of the convolution output (BnMoments)
+  DwGeometry g;
+  DwWeightGradPlan plan;  // chunks of output rows
+};
+
+// The fused ops' training statistics without writing the convolution output: one thread =
+// VEC channels x one chunk of output rows; it recomputes the convolution tile by tile and
+// keeps shifted sums (shifted by the first output, see bn_moments_from_shifted_sums). Moves
+// the input once; BnStatsReduceProgram then merges the chunks in order.
+template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+struct DwBnStatsProgram {
+  using Args = DwBnStatsArgs<T, Acc>;
+
+  static int64_t num_threads(const DwGeometry& g, const DwWeightGradPlan& plan) {
+    return plan.chunks * (g.C / VEC);
+  }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const DwGeometry& g = a.g;
+    const int64_t cvecs = g.C / VEC;
+    const int64_t c0 = (idx % cvecs) * VEC;
+    const int64_t chunk = idx / cvecs;
+    const int64_t row_begin = chunk * a.plan.rows_per_chunk;
+    const int64_t row_total = g.N * g.OH;
+    const int64_t row_end = row_begin + a.plan.rows_per_chunk < row_total
+                                ? row_begin + a.plan.rows_per_chunk
+                                : row_total;
+    Acc shift[VEC], s1[VEC], s2[VEC];
+    for (int v = 0; v < VEC; ++v) s1[v] = s2[v] = Acc(0);
+    bool first = true;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      for (int64_t col0 = 0; col0 < g.OW; col0 += STRIP) {
+        const int64_t strip_n = g.OW - col0 < STRIP ? g.OW - col0 : STRIP;
+        Acc acc[STRIP][VEC];
+        for (int j = 0; j < STRIP; ++j)
+          for (int v = 0; v < VEC; ++v) acc[j][v] = Acc(0);
+        dw_forward_taps<T, Acc, ChannelsLast, KH, KW, VEC, STRIP>(a.input, a.weight, g, r / g.OH,
+                                                                  c0, r % g.OH, col0, strip_n, acc);
+        if (first) {
+          for (int v = 0; v < VEC; ++v) shift[v] = acc[0][v];
+          first = false;
+        }
+        for (int j = 0; j < strip_n; ++j)
+          for (int v = 0; v < VEC; ++v) {
+            const Acc d = acc[j][v] - shift[v];
+            s1[v] += d;
+            s2[v] += d * d;
+          }
+      }
+    }
+    const Acc count = static_cast<Acc>((row_end - row_begin) * g.OW);
+    for (int v = 0; v < VEC; ++v) {
+      const BnMoments<Acc> m = bn_moments_from_shifted_sums(count, shift[v], s1[v], s2[v]);
+      Acc* out = a.partial + chunk * 3 * g.C + c0 + v;
+      out[0] = m.count;
+      out[g.C] = m.mean;
+      out[2 * g.C] = m.m2;
+    }
   }
 };
 

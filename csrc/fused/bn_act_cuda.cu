@@ -1,15 +1,19 @@
-// CUDA kernels of the native fused ops: cuBLAS GEMM (pointwise) or the depthwise thread
-// programs for the convolution, the BN thread programs for the rest.
+// CUDA kernels of the native fused ops. Depthwise: BN and the activation inside the depthwise
+// thread programs (a statistics pass, then the forward with the BN epilogue). Pointwise: the
+// WMMA GEMM with a BN epilogue (pointwise_gemm_cuda.cuh) for float16/bfloat16 channels_last,
+// cuBLAS and the BN thread programs otherwise.
 #include <torch/library.h>
 
 #include "common/cuda_launcher.cuh"
 #include "fused/bn_act_ops.h"
+#include "fused/pointwise_gemm_cuda.cuh"
 
 TORCH_LIBRARY_IMPL(depsep, CUDA, m) {
   using depsep::CudaLauncher;
-  using Compute = depsep::ProgramCompute<CudaLauncher>;
-  m.impl("pointwise_bn_act_fwd", &depsep::pointwise_bn_act_fwd<CudaLauncher>);
-  m.impl("pointwise_bn_act_bwd", &depsep::pointwise_bn_act_bwd<CudaLauncher>);
-  m.impl("depthwise_bn_act_fwd", &depsep::depthwise_bn_act_fwd<CudaLauncher, Compute>);
-  m.impl("depthwise_bn_act_bwd", &depsep::depthwise_bn_act_bwd<CudaLauncher, Compute>);
+  using Depthwise = depsep::DepthwiseFusedConv<CudaLauncher>;
+  using Pointwise = depsep::PointwiseFusedConv;
+  m.impl("pointwise_bn_act_fwd", &depsep::pointwise_bn_act_fwd<CudaLauncher, Pointwise>);
+  m.impl("pointwise_bn_act_bwd", &depsep::pointwise_bn_act_bwd<CudaLauncher, Pointwise>);
+  m.impl("depthwise_bn_act_fwd", &depsep::depthwise_bn_act_fwd<CudaLauncher, Depthwise>);
+  m.impl("depthwise_bn_act_bwd", &depsep::depthwise_bn_act_bwd<CudaLauncher, Depthwise>);
 }

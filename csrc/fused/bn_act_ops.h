@@ -63,6 +63,49 @@ inline BnView bn_view(const at::Tensor& y) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), cl};
 }
 
+// The per-channel vectors of one BN: the mean and biased variance (the batch's, reduced from
+// partial moments, in training; a copy of the running ones in eval) and the scale and shift
+// that fold BN into one multiply-add.
+struct BnVectors {
+  at::Tensor mean, var, scale, shift;
+
+  BnVectors(int64_t C, const at::Tensor& like, bool training, const at::Tensor& running_mean,
+            const at::Tensor& running_var) {
+    const auto options = like.options().dtype(bn_acc_type(like.scalar_type()));
+    mean = training ? at::empty({C}, options) : running_mean.clone();
+    var = training ? at::empty({C}, options) : running_var.clone();
+    scale = at::empty({C}, options);
+    shift = at::empty({C}, options);
+  }
+
+  template <typename Acc>
+  BnChannelVectors<Acc> channel_vectors() const {
+    return {mean.const_data_ptr<Acc>(), scale.const_data_ptr<Acc>(), shift.const_data_ptr<Acc>()};
+  }
+};
+
+// Merges `partial` ([chunks, 3, C] moments, in order; chunks may be 0 in eval) into v.mean and
+// v.var, then derives v.scale and v.shift.
+template <typename Launcher>
+void bn_reduce(BnVectors& v, const at::Tensor& partial, const at::Tensor& gamma,
+               const at::Tensor& beta, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(v.mean.scalar_type(), "bn_reduce", [&] {
+    using Acc = scalar_t;
+    using R = BnStatsReduceProgram<Acc>;
+    typename R::Args args{partial.size(0) > 0 ? partial.const_data_ptr<Acc>() : nullptr,
+                          bn_ptr_or_null<Acc>(gamma),
+                          bn_ptr_or_null<Acc>(beta),
+                          v.mean.mutable_data_ptr<Acc>(),
+                          v.var.mutable_data_ptr<Acc>(),
+                          v.scale.mutable_data_ptr<Acc>(),
+                          v.shift.mutable_data_ptr<Acc>(),
+                          static_cast<Acc>(eps),
+                          partial.size(0),
+                          v.mean.size(0)};
+    Launcher::template launch<R>(args, R::num_threads(args));
+  });
+}
+
 template <typename Launcher>
 struct BnActPasses {
   // Leaves act(BN(y)) in y; returns the mean and biased variance it normalised with.
@@ -72,16 +115,13 @@ struct BnActPasses {
                                                     const at::Tensor& running_var, bool training,
                                                     double eps, int32_t act) {
     const BnView v = bn_view(y);
-    const auto acc_options = y.options().dtype(bn_acc_type(y.scalar_type()));
-    at::Tensor mean = training ? at::empty({v.C}, acc_options) : running_mean.clone();
-    at::Tensor var = training ? at::empty({v.C}, acc_options) : running_var.clone();
-    at::Tensor scale = at::empty({v.C}, acc_options), shift = at::empty({v.C}, acc_options);
+    BnVectors bn(v.C, y, training, running_mean, running_var);
     const int64_t positions = v.N * v.S;
     const int64_t chunk = bn_chunk_positions(positions);
     const int64_t chunks = training ? (positions + chunk - 1) / chunk : 0;
+    at::Tensor partial = at::empty({chunks, 3, v.C}, bn.mean.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd", [&] {
       using Acc = at::opmath_type<scalar_t>;
-      at::Tensor partial = at::empty({chunks, 3, v.C}, acc_options);
       with_layout(v.channels_last, [&](auto cl) {
         constexpr bool CL = decltype(cl)::value;
         if (chunks > 0) {
@@ -95,30 +135,14 @@ struct BnActPasses {
                                 chunks};
           Launcher::template launch<P>(args, P::num_threads(args));
         }
-        using R = BnStatsReduceProgram<Acc>;
-        typename R::Args reduce{partial.const_data_ptr<Acc>(),
-                                bn_ptr_or_null<Acc>(gamma),
-                                bn_ptr_or_null<Acc>(beta),
-                                mean.mutable_data_ptr<Acc>(),
-                                var.mutable_data_ptr<Acc>(),
-                                scale.mutable_data_ptr<Acc>(),
-                                shift.mutable_data_ptr<Acc>(),
-                                static_cast<Acc>(eps),
-                                chunks,
-                                v.C};
-        Launcher::template launch<R>(reduce, R::num_threads(reduce));
+        bn_reduce<Launcher>(bn, partial, gamma, beta, eps);
         using A = BnApplyProgram<scalar_t, Acc, CL>;
         typename A::Args apply{
-            y.mutable_data_ptr<scalar_t>(),
-            {mean.const_data_ptr<Acc>(), scale.const_data_ptr<Acc>(), shift.const_data_ptr<Acc>()},
-            v.N,
-            v.C,
-            v.S,
-            act};
+            y.mutable_data_ptr<scalar_t>(), bn.channel_vectors<Acc>(), v.N, v.C, v.S, act};
         Launcher::template launch<A>(apply, A::num_threads(apply));
       });
     });
-    return {mean, var};
+    return {bn.mean, bn.var};
   }
 
   // Turns y into g_y (the gradient at the convolution output) in place; returns the gradients
@@ -129,8 +153,9 @@ struct BnActPasses {
                                                      const at::Tensor& var, bool training,
                                                      double eps, int32_t act) {
     const BnView v = bn_view(y);
-    const auto acc_options = y.options().dtype(bn_acc_type(y.scalar_type()));
-    at::Tensor scale = at::empty({v.C}, acc_options), shift = at::empty({v.C}, acc_options);
+    BnVectors bn(v.C, y, false, mean, var);
+    bn_reduce<Launcher>(bn, at::empty({0, 3, v.C}, bn.mean.options()), gamma, beta, eps);
+    const auto acc_options = bn.mean.options();
     at::Tensor grad_gamma = at::empty({v.C}, acc_options);
     at::Tensor grad_beta = at::empty({v.C}, acc_options);
     at::Tensor coef = at::empty({3, v.C}, acc_options);
@@ -140,24 +165,12 @@ struct BnActPasses {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_bwd", [&] {
       using Acc = at::opmath_type<scalar_t>;
       at::Tensor partial = at::empty({chunks, 2, v.C}, acc_options);
-      using R = BnStatsReduceProgram<Acc>;  // chunks == 0: scale and shift from mean and var
-      typename R::Args affine{nullptr,
-                              bn_ptr_or_null<Acc>(gamma),
-                              bn_ptr_or_null<Acc>(beta),
-                              const_cast<Acc*>(mean.const_data_ptr<Acc>()),
-                              const_cast<Acc*>(var.const_data_ptr<Acc>()),
-                              scale.mutable_data_ptr<Acc>(),
-                              shift.mutable_data_ptr<Acc>(),
-                              static_cast<Acc>(eps),
-                              0,
-                              v.C};
-      Launcher::template launch<R>(affine, R::num_threads(affine));
       with_layout(v.channels_last, [&](auto cl) {
         constexpr bool CL = decltype(cl)::value;
         typename BnGradSumsProgram<scalar_t, Acc, CL>::Args args{
             y.mutable_data_ptr<scalar_t>(),
             grad_out.const_data_ptr<scalar_t>(),
-            {mean.const_data_ptr<Acc>(), scale.const_data_ptr<Acc>(), shift.const_data_ptr<Acc>()},
+            bn.channel_vectors<Acc>(),
             partial.mutable_data_ptr<Acc>(),
             coef.const_data_ptr<Acc>(),
             v.N,
@@ -171,7 +184,7 @@ struct BnActPasses {
         using G = BnGradReduceProgram<Acc>;
         typename G::Args reduce{partial.const_data_ptr<Acc>(),
                                 bn_ptr_or_null<Acc>(gamma),
-                                var.const_data_ptr<Acc>(),
+                                bn.var.const_data_ptr<Acc>(),
                                 grad_gamma.mutable_data_ptr<Acc>(),
                                 grad_beta.mutable_data_ptr<Acc>(),
                                 coef.mutable_data_ptr<Acc>(),
@@ -201,6 +214,7 @@ struct BnActPasses {
 // The 1x1 convolution as ATen GEMMs on the tensors' device, in the input's memory format:
 // channels_last is [N*H*W, C_in] x [C_in, C_out], NCHW is [C_out, C_in] x [C_in, H*W] per image.
 struct PointwiseConv {
+  static constexpr bool kFusesBn = false;  // BN runs as passes over the GEMM's output
   static at::Tensor output_like(const at::Tensor& x, int64_t channels) {
     return at::empty({x.size(0), channels, x.size(2), x.size(3)},
                      x.options().memory_format(x.suggest_memory_format()));
@@ -262,7 +276,11 @@ struct PointwiseConv {
 // The depthwise convolution through the depthwise op bodies of `Compute`.
 template <typename Compute>
 struct DepthwiseConv {
+  static constexpr bool kFusesBn = false;
   at::IntArrayRef stride, padding, dilation;
+
+  DepthwiseConv(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation)
+      : stride(stride), padding(padding), dilation(dilation) {}
 
   at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) const {
     return depthwise_conv2d_fwd<Compute>(input, weight, std::nullopt, stride, padding, dilation);
@@ -280,6 +298,62 @@ struct DepthwiseConv {
   }
 };
 
+// The depthwise convolution with BatchNorm and the activation inside its thread programs
+// (the CUDA kernels; on the host, the test-only "_host_programs_" ops). Training: a statistics
+// pass that recomputes the convolution and writes nothing (reads x), then the forward with the
+// act(scale * y + shift) epilogue (reads x, writes out): 2 reads of the input + 1 write, where
+// writing y and reading it back would add 2 passes over the output. Eval: the epilogue pass
+// alone, one read and one write. Backward as DepthwiseConv.
+template <typename Launcher>
+struct DepthwiseFusedConv : DepthwiseConv<ProgramCompute<Launcher>> {
+  using DepthwiseConv<ProgramCompute<Launcher>>::DepthwiseConv;
+  static constexpr bool kFusesBn = true;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_bn_act(
+      const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gamma,
+      const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var,
+      bool training, double eps, int32_t act) const {
+    const DwGeometry g = dw_geometry(input.sizes(), {weight.size(-2), weight.size(-1)},
+                                     this->stride, this->padding, this->dilation);
+    dw_check_weight(weight, input, g.C);
+    const auto format = input.suggest_memory_format();
+    const bool cl = format == at::MemoryFormat::ChannelsLast;
+    const at::Tensor x = input.contiguous(format);
+    const at::Tensor w = dw_tap_major(weight);
+    at::Tensor out = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(format));
+    TORCH_CHECK(out.numel() > 0, "depsep: the fused ops need a non-empty input");
+    const DwPlan plan = dw_plan(g, cl, {&x, &w, &out});
+    const DwWeightGradPlan chunks = dw_bn_stats_plan(g);
+    BnVectors bn(g.C, input, training, running_mean, running_var);
+    at::Tensor partial = at::empty({training ? chunks.chunks : 0, 3, g.C}, bn.mean.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_bn_fwd", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      if (training) {
+        with_spatial_program<DwBnStatsProgram, scalar_t>(plan, [&](auto program) {
+          using P = decltype(program);
+          typename P::Args args{x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                partial.mutable_data_ptr<Acc>(), g, chunks};
+          Launcher::template launch<P>(args, P::num_threads(g, chunks));
+        });
+      }
+      bn_reduce<Launcher>(bn, partial, gamma, beta, eps);
+      with_spatial_program<DwForwardProgram, scalar_t>(plan, [&](auto program) {
+        using P = decltype(program);
+        typename P::Args args{x.const_data_ptr<scalar_t>(),
+                              w.const_data_ptr<scalar_t>(),
+                              nullptr,
+                              out.mutable_data_ptr<scalar_t>(),
+                              g,
+                              bn.scale.const_data_ptr<Acc>(),
+                              bn.shift.const_data_ptr<Acc>(),
+                              act};
+        Launcher::template launch<P>(args, P::num_threads(g));
+      });
+    });
+    return {out, bn.mean, bn.var};
+  }
+};
+
 template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
     const Conv& conv, const at::Tensor& input, const at::Tensor& weight,
@@ -291,17 +365,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
   TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
               "depsep: weight must match the input's dtype and device");
   const typename Launcher::DeviceGuard guard(input.device());
-  at::Tensor y = conv.forward(input, weight);
-  const int64_t C = y.size(1);
-  TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
+  const int64_t C = Conv::kFusesBn ? input.size(1) : weight.size(0);
   const at::Tensor rm = bn_channel_vector(running_mean, "running_mean", C, input);
   const at::Tensor rv = bn_channel_vector(running_var, "running_var", C, input);
   TORCH_CHECK(training || (rm.defined() && rv.defined()),
               "depsep: running_mean and running_var are required when training=False");
-  auto [mean, var] = BnActPasses<Launcher>::forward(
-      y, bn_channel_vector(bn_weight, "bn_weight", C, input),
-      bn_channel_vector(bn_bias, "bn_bias", C, input), rm, rv, training, eps, act);
-  return {y, mean, var};
+  const at::Tensor gamma = bn_channel_vector(bn_weight, "bn_weight", C, input);
+  const at::Tensor beta = bn_channel_vector(bn_bias, "bn_bias", C, input);
+  if constexpr (Conv::kFusesBn) {
+    return conv.forward_bn_act(input, weight, gamma, beta, rm, rv, training, eps, act);
+  } else {
+    at::Tensor y = conv.forward(input, weight);
+    TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
+    auto [mean, var] = BnActPasses<Launcher>::forward(y, gamma, beta, rm, rv, training, eps, act);
+    return {y, mean, var};
+  }
 }
 
 template <typename Launcher, typename Conv>
@@ -337,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
 }
 
 // The registered ops: the schemas' argument order (kernels/_ops.py), one conv policy each.
-template <typename Launcher>
+template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_bn_act_fwd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
@@ -346,41 +424,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_bn_act_fwd(
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == 1 &&
                   weight.size(3) == 1,
               "depsep: weight must be [C_out, ", input.size(1), ", 1, 1], got ", weight.sizes());
-  return bn_act_fwd<Launcher>(PointwiseConv{}, input, weight, bn_weight, bn_bias, running_mean,
-                              running_var, training, eps, activation);
+  return bn_act_fwd<Launcher>(Conv{}, input, weight, bn_weight, bn_bias, running_mean, running_var,
+                              training, eps, activation);
 }
 
-template <typename Launcher>
+template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_bn_act_bwd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
     c10::string_view activation, std::array<bool, 4> output_mask) {
-  return bn_act_bwd<Launcher>(PointwiseConv{}, grad_output, input, weight, bn_weight, bn_bias, mean,
-                              var, training, eps, activation, output_mask);
+  return bn_act_bwd<Launcher>(Conv{}, grad_output, input, weight, bn_weight, bn_bias, mean, var,
+                              training, eps, activation, output_mask);
 }
 
-template <typename Launcher, typename Compute>
+template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_bn_act_fwd(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps,
     c10::string_view activation) {
-  return bn_act_fwd<Launcher>(DepthwiseConv<Compute>{stride, padding, dilation}, input, weight,
-                              bn_weight, bn_bias, running_mean, running_var, training, eps,
-                              activation);
+  return bn_act_fwd<Launcher>(Conv(stride, padding, dilation), input, weight, bn_weight, bn_bias,
+                              running_mean, running_var, training, eps, activation);
 }
 
-template <typename Launcher, typename Compute>
+template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_bn_act_bwd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
     c10::string_view activation, std::array<bool, 4> output_mask) {
-  return bn_act_bwd<Launcher>(DepthwiseConv<Compute>{stride, padding, dilation}, grad_output, input,
-                              weight, bn_weight, bn_bias, mean, var, training, eps, activation,
+  return bn_act_bwd<Launcher>(Conv(stride, padding, dilation), grad_output, input, weight,
+                              bn_weight, bn_bias, mean, var, training, eps, activation,
                               output_mask);
 }
 

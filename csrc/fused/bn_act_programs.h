@@ -20,55 +20,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/activation.h"
 #include "common/host_device.h"
+#include "common/moments.h"
 
 namespace depsep {
-
-enum BnActivation : int32_t { kActNone = 0, kActRelu = 1, kActRelu6 = 2 };
-
-// NaN propagates, as through F.relu and F.hardtanh.
-template <typename Acc>
-DEPSEP_HD Acc bn_activate(Acc z, int32_t act) {
-  if (act == kActRelu) return z <= Acc(0) ? Acc(0) : z;
-  if (act == kActRelu6) return z <= Acc(0) ? Acc(0) : (z >= Acc(6) ? Acc(6) : z);
-  return z;
-}
-
-// Where the activation passes the gradient: as PyTorch's threshold_backward (zero where
-// z <= 0) and hardtanh_backward (zero where z <= 0 or z >= 6), so ties at a kink and NaN
-// behave the same.
-template <typename Acc>
-DEPSEP_HD bool bn_activation_passes(Acc z, int32_t act) {
-  if (act == kActRelu) return !(z <= Acc(0));
-  if (act == kActRelu6) return !(z <= Acc(0) || z >= Acc(6));
-  return true;
-}
-
-// Count, mean and sum of squared deviations of a set of values; two sets merge exactly
-// (Chan et al.), which is what makes chunked statistics both stable and order-fixed.
-template <typename Acc>
-struct BnMoments {
-  Acc count, mean, m2;
-};
-
-template <typename Acc>
-DEPSEP_HD BnMoments<Acc> bn_merge(const BnMoments<Acc>& a, const BnMoments<Acc>& b) {
-  const Acc count = a.count + b.count;
-  if (count == Acc(0)) return a;
-  const Acc delta = b.mean - a.mean;
-  const Acc wb = b.count / count;
-  return {count, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
-}
-
-// Moments from sums of values shifted by one of them: s1 = sum(y - shift), s2 = sum((y -
-// shift)^2). The shift keeps s2 - s1^2/n free of cancellation when the mean is large.
-template <typename Acc>
-DEPSEP_HD BnMoments<Acc> bn_moments_from_shifted_sums(Acc count, Acc shift, Acc s1, Acc s2) {
-  if (count == Acc(0)) return {Acc(0), Acc(0), Acc(0)};
-  const Acc d = s1 / count;
-  const Acc m2 = s2 - s1 * d;
-  return {count, shift + d, m2 > Acc(0) ? m2 : Acc(0)};
-}
 
 template <typename Acc>
 DEPSEP_HD Acc bn_invstd(Acc var, Acc eps) {
@@ -80,6 +36,20 @@ DEPSEP_HD Acc bn_invstd(Acc var, Acc eps) {
 inline int64_t bn_chunk_positions(int64_t positions) {
   const int64_t by_count = (positions + 1023) / 1024;
   return by_count > 64 ? by_count : 64;
+}
+
+// A (chunk of positions, channel) thread of the reduction passes: channel fastest, so that
+// neighbouring threads read neighbouring channels.
+struct BnChunk {
+  int64_t c, chunk, begin, end;
+};
+
+DEPSEP_HD BnChunk bn_chunk_decode(int64_t idx, int64_t C, int64_t positions,
+                                  int64_t chunk_positions) {
+  const int64_t chunk = idx / C;
+  const int64_t begin = chunk * chunk_positions;
+  const int64_t end = begin + chunk_positions < positions ? begin + chunk_positions : positions;
+  return {idx % C, chunk, begin, end};
 }
 
 template <bool ChannelsLast>
@@ -139,11 +109,8 @@ struct BnStatsPartialProgram {
   static int64_t num_threads(const Args& a) { return a.chunks * a.C; }
 
   DEPSEP_HD static void run(const Args& a, int64_t idx) {
-    const int64_t c = idx % a.C;
-    const int64_t chunk = idx / a.C;
-    const int64_t begin = chunk * a.chunk_positions;
-    const int64_t total = a.N * a.S;
-    const int64_t end = begin + a.chunk_positions < total ? begin + a.chunk_positions : total;
+    const BnChunk k = bn_chunk_decode(idx, a.C, a.N * a.S, a.chunk_positions);
+    const int64_t c = k.c, chunk = k.chunk, begin = k.begin, end = k.end;
     const Acc shift = static_cast<Acc>(a.y[bn_offset<ChannelsLast>(begin, c, a.C, a.S)]);
     Acc s1 = Acc(0), s2 = Acc(0);
     for (int64_t p = begin; p < end; ++p) {
@@ -252,11 +219,8 @@ struct BnGradSumsProgram {
   static int64_t num_threads(const Args& a) { return a.chunks * a.C; }
 
   DEPSEP_HD static void run(const Args& a, int64_t idx) {
-    const int64_t c = idx % a.C;
-    const int64_t chunk = idx / a.C;
-    const int64_t begin = chunk * a.chunk_positions;
-    const int64_t total = a.N * a.S;
-    const int64_t end = begin + a.chunk_positions < total ? begin + a.chunk_positions : total;
+    const BnChunk k = bn_chunk_decode(idx, a.C, a.N * a.S, a.chunk_positions);
+    const int64_t c = k.c, chunk = k.chunk, begin = k.begin, end = k.end;
     const Acc mean = a.v.mean[c];
     Acc sum_g = Acc(0), sum_gy = Acc(0);
     for (int64_t p = begin; p < end; ++p) {
