@@ -1,6 +1,9 @@
-"""Microbenchmarks of the depsep kernels against PyTorch (SPEC §6); run `python -m bench --help`.
+"""Benchmarks of the depsep kernels against PyTorch (SPEC §6); run `python -m bench --help`.
 
-Layout: shapes.py holds the MobileNet V1 layer tables, harness.py the one measurement harness
-(correctness gate, timing), one module per op (depthwise.py, ...) its cases and runners, and
-report.py the terminal tables, results.csv and summary.md written to --out.
+Layout: shapes.py holds the MobileNet V1 layer, block and model tables; harness.py the one
+measurement harness (correctness gate, timing, memory, the torch.compile baselines); one module
+per op its cases, runners and minimum-bytes formulas (depthwise.py; bn_act.py for
+depthwise_bn_act and pointwise_bn_act; block.py; model.py); __main__.py the command line and
+each device's default suite; report.py the terminal tables, results.csv and summary.md, and
+plots.py one PNG per op, all written to --out.
 """

@@ -18,34 +18,43 @@ def write_plots(run: Run, out_dir: Path) -> list[Path]:
     groups_by_op: dict[str, list[Group]] = {}
     for group in group_results(run):
         groups_by_op.setdefault(group.cases[0].op, []).append(group)
-    return [_plot(run, op, groups, out_dir / f"{op}.png") for op, groups in groups_by_op.items()]
+    # One color per backend across every panel of the run.
+    colors = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(r.backend for r in run.results))}
+    return [
+        _plot(run, op, groups, colors, out_dir / f"{op}.png") for op, groups in groups_by_op.items()
+    ]
 
 
-def _plot(run: Run, op: str, groups: list[Group], path: Path) -> Path:
+def _plot(run: Run, op: str, groups: list[Group], colors: dict, path: Path) -> Path:
     fig, axes = plt.subplots(len(groups), 2, figsize=(16, 3.4 * len(groups)), squeeze=False)
     for (left, right), group in zip(axes, groups):
         first = group.cases[0]
         title = f"{op} {first.mode + ' | ' if group.by_layer else ''}"
         title += f"{str(first.dtype).removeprefix('torch.')} | {first.layout}"
         if first.images:
-            _bars(left, group, lambda r: r.case.images / r.timing.median, "images/s", title)
+            _bars(left, group, colors, lambda r: r.case.images / r.timing.median, "images/s")
         else:
-            _bars(left, group, lambda r: r.timing.median * 1e3, "median ms", title, log=True)
+            _bars(left, group, colors, lambda r: r.timing.median * 1e3, "median ms")
+        left.set_yscale("log")
+        left.yaxis.set_major_formatter(ScalarFormatter())
+        left.yaxis.set_minor_formatter(ScalarFormatter())
         if first.min_bytes is not None:
 
             def copy_percent(r):
                 return 100 * r.case.min_bytes / r.timing.median / 1e9 / run.copy_gbps
 
-            _bars(right, group, copy_percent, "% of copy bandwidth", title)
+            _bars(right, group, colors, copy_percent, "% of copy bandwidth")
             right.axhline(100, color="grey", linewidth=0.8)
         elif any(r.memory for r in group.results):
 
             def step_mib(r):
                 return r.memory["step_memory"] / 2**20 if "step_memory" in r.memory else None
 
-            _bars(right, group, step_mib, "training-step memory MiB", title)
+            _bars(right, group, colors, step_mib, "training-step memory MiB")
         else:
             right.set_axis_off()
+        left.set_title(title, fontsize=10)
+        right.set_title(title, fontsize=10)
     fig.suptitle(f"{run.info.device_name} | torch {run.info.torch_version} | {run.info.timestamp}")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -53,11 +62,12 @@ def _plot(run: Run, op: str, groups: list[Group], path: Path) -> Path:
     return path
 
 
-def _bars(ax, group: Group, value, ylabel: str, title: str, log: bool = False) -> None:
+def _bars(ax, group: Group, colors: dict, value, ylabel: str) -> None:
     """Grouped bars: the group's rows (layers or modes) along x, one bar per backend that ran;
     value(result) is the bar's height (None: no bar)."""
     labels = list(dict.fromkeys(group.label(case) for case in group.cases))
-    backends = list(dict.fromkeys(r.backend for r in group.results if r.status == "ok"))
+    ran = {r.backend for r in group.results if r.status == "ok"}
+    backends = [b for b in dict.fromkeys(r.backend for r in group.results) if b in ran]
     width = 0.8 / max(1, len(backends))
     for i, backend in enumerate(backends):
         points = [
@@ -66,13 +76,9 @@ def _bars(ax, group: Group, value, ylabel: str, title: str, log: bool = False) -
             if r.backend == backend and r.status == "ok"
         ]
         points = [(x, y) for x, y in points if y is not None]
-        ax.bar([x for x, _ in points], [y for _, y in points], width, label=backend)
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        ax.bar(xs, ys, width, label=backend, color=colors[backend])
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels)
-    ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
     if backends:
         ax.legend(fontsize=8)

@@ -52,7 +52,7 @@ _STATUS_NOTE = {
     "skipped": "skipped",
 }
 _MODE_LABELS = {("model", "forward+backward"): "train step", ("model", "eval"): "inference"}
-_MEMORY_LABELS = {"step_memory": "step", "peak_memory": "peak"}
+_MEMORY_LABELS = {"step_memory": "memory", "peak_memory": "peak memory"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Run:
     copy_timing: Timing
     results: tuple[Result, ...]
     baselines: Mapping[str, tuple[str, ...]]  # op -> its baseline backends, REFERENCE first
+    whole_ops: frozenset[str] = frozenset()  # ops with one "layer" (the model): rows per mode
 
     @property
     def copy_gbps(self) -> float:
@@ -148,7 +149,7 @@ def _mode_label(case: Case) -> str:
 class Group:
     """The results of one table (and one row of plot panels): per layer, or per mode."""
 
-    by_layer: bool  # rows are layers (one mode); else modes (an op run on one layer: the model)
+    by_layer: bool  # rows are layers (one mode); else modes (the model)
     results: list[Result]
 
     @property
@@ -160,15 +161,12 @@ class Group:
 
 
 def group_results(run: Run) -> list[Group]:
-    """The run's results by (op, mode, dtype, layout), rows per layer; an op that ran one layer
-    (the model) by (op, dtype, layout), rows per mode."""
-    layers_per_op: dict[str, set] = {}
-    for result in run.results:
-        layers_per_op.setdefault(result.case.op, set()).add(result.case.layer)
+    """The run's results by (op, mode, dtype, layout), rows per layer; those of a whole-model op
+    by (op, dtype, layout), rows per mode."""
     groups: dict[tuple, Group] = {}
     for result in run.results:
         case = result.case
-        by_layer = len(layers_per_op[case.op]) > 1
+        by_layer = case.op not in run.whole_ops
         key = (case.op, case.mode if by_layer else "", case.dtype, case.layout)
         groups.setdefault(key, Group(by_layer, [])).results.append(result)
     return list(groups.values())
@@ -195,7 +193,8 @@ def _shown_backends(run: Run, group: Group) -> tuple[list[str], list[str], list[
     """(every backend with a column, the baselines among them, the depsep ones). A backend that
     could run nowhere in this table gets a note, not a column of n/a."""
     results = group.results
-    shown = list(dict.fromkeys(r.backend for r in results if r.status != "unavailable"))
+    ran = {r.backend for r in results if r.status != "unavailable"}
+    shown = [b for b in dict.fromkeys(r.backend for r in results) if b in ran]
     baselines = [b for b in run.baselines[results[0].case.op] if b in shown]
     return shown, baselines, [b for b in shown if b not in baselines]
 
@@ -242,13 +241,16 @@ def _layer_table(run: Run, group: Group) -> Table:
             return ""
         return cell(value) + ("" if len(values) == len(cases) else f" ({len(values)})")
 
-    geomean_row = ["geomean", f"{len(cases)} layers"] + [""] * len(shown)
-    geomean_row += [mean_cell(speedups[b, a], "{:.2f}x".format) for b in depsep for a in baselines]
-    if with_bandwidth:
+    if len(cases) > 1:
+        geomean_row = ["geomean", f"{len(cases)} layers"] + [""] * len(shown)
         geomean_row += [
-            mean_cell(bandwidths[b], lambda v: _bandwidth_cell(v, run.copy_gbps)) for b in shown
+            mean_cell(speedups[b, a], "{:.2f}x".format) for b in depsep for a in baselines
         ]
-    rows.append(geomean_row)
+        if with_bandwidth:
+            geomean_row += [
+                mean_cell(bandwidths[b], lambda v: _bandwidth_cell(v, run.copy_gbps)) for b in shown
+            ]
+        rows.append(geomean_row)
     return Table(_title(run, group), headers, rows, _notes(group))
 
 
@@ -462,8 +464,9 @@ def write_markdown(run: Run, path: Path) -> None:
         "Times are medians in ms. Speed-up = baseline median / backend median. GB/s counts "
         "the minimum bytes: each input read once, each output written once (each op's "
         "formula per mode is in the docstring of its bench/ module). Memory: the most "
-        "allocated at once during one training step above what was allocated before it "
-        "(step), and on CUDA torch.cuda.max_memory_allocated (peak). Quantiles in "
+        "allocated at once during one training step above what was allocated before it, and "
+        "on CUDA torch.cuda.max_memory_allocated (peak memory). Every backend was checked "
+        "against torch before it was timed (WRONG: it disagreed). Quantiles in "
         f"[{CSV_NAME}]({CSV_NAME}).",
     ]
     for table in build_tables(run):

@@ -12,6 +12,10 @@ BACKENDS = ("torch", "native", "triton")
 # 2026-11-29-cpu: 0.97x forward, 0.75x backward in channels_last), so "torch" comes first.
 # GPU order is unmeasured so far: the compiled kernels first.
 _AUTO_ORDER = {"cpu": ("torch", "native"), "cuda": ("native", "triton", "torch")}
+# The fused conv+BN+act ops in eval fold BN into the convolution: on CPU the native ops then
+# beat eager conv + BatchNorm2d + ReLU (MobileNet V1 inference 1.14-1.24x, single layers
+# 1.0-3.6x; this machine, 2026-11-29), while their training passes do not (0.4-0.7x).
+_AUTO_ORDER_FUSED_EVAL = {**_AUTO_ORDER, "cpu": ("native", "torch")}
 ENV_VAR = "DEPSEP_BACKEND"
 
 
@@ -59,10 +63,10 @@ def _check_name(name, source: str) -> None:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
 
 
-def select_backend(backend: str | None, device: torch.device) -> str:
+def select_backend(backend: str | None, device: torch.device, fused_eval: bool = False) -> str:
     """The backend to run on `device`: `backend` if given (an error naming what is missing when
     it cannot run there), else $DEPSEP_BACKEND if set, else the fastest available for the
-    device (see _AUTO_ORDER)."""
+    device (see _AUTO_ORDER; `fused_eval`: a fused conv+BN+act op in eval mode)."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         if backend is not None:
@@ -71,7 +75,7 @@ def select_backend(backend: str | None, device: torch.device) -> str:
         _check_name(backend, "backend")
     if backend is None:
         reasons = available_backends(device)
-        order = _AUTO_ORDER.get(device.type, ("torch",))
+        order = (_AUTO_ORDER_FUSED_EVAL if fused_eval else _AUTO_ORDER).get(device.type, ("torch",))
         return next(name for name in order if reasons[name] is None)
     reason = available_backends(device)[backend]
     if reason is not None:

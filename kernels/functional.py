@@ -93,7 +93,7 @@ def _fused(
     act = _validate.bn_act_args(
         op, input, weight.shape[0], *bn, training, momentum, eps, activation, num_batches_tracked
     )
-    chosen = select_backend(backend, input.device)
+    chosen = select_backend(backend, input.device, fused_eval=not training)
     factor = _momentum_factor(momentum, num_batches_tracked, training)
     if chosen == "torch" or input.numel() == 0:
         # The reference; also for empty input, where F.batch_norm defines what happens.

@@ -26,6 +26,8 @@ def test_auto_takes_the_measured_fastest(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     assert _backend.select_backend(None, torch.device("cpu")) == "torch"  # oneDNN, for now
     assert _backend.select_backend(None, torch.device("meta")) == "torch"
+    # Fused ops in eval fold BN into the convolution: native is the faster there.
+    assert _backend.select_backend(None, torch.device("cpu"), fused_eval=True) == "native"
     if torch.cuda.is_available():
         assert _backend.select_backend(None, torch.device("cuda")) == "native"
 

@@ -1,23 +1,62 @@
-"""`python -m bench --quick` runs every op and mode of the suite on the CPU and writes its files."""
+"""`python -m bench --quick` runs every op and mode of the suite on the CPU and writes its files;
+the correctness gate reports a wrong backend instead of timing it."""
 
 import csv
+import dataclasses
 
-from bench.__main__ import main
+import torch
+
+from bench.__main__ import OPS, main
+from bench.harness import Deadline, Timing, run_case
 
 
 def test_quick_run_writes_checked_results(tmp_path, capsys):
-    main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    main(["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [
-        "depthwise_bandwidth.png",
-        "depthwise_time.png",
-        "results.csv",
-        "summary.md",
-    ]
+    assert names == sorted([*(f"{op}.png" for op in OPS), "results.csv", "summary.md"])
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    native = [r for r in rows if r["backend"] == "native" and r["metric"] == "time"]
-    assert {r["mode"] for r in native} == {"forward", "backward"}
-    assert {r["layout"] for r in native} == {"channels_last", "nchw"}
-    assert all(float(r["median"]) > 0 for r in native)
-    assert "WRONG" not in capsys.readouterr().out
+    times = [r for r in rows if r["metric"] == "time"]
+    for op in OPS.values():
+        torch_times = [r for r in times if r["op"] == op.name and r["backend"] == "torch"]
+        assert {(r["mode"], r["layout"]) for r in torch_times} == {
+            (mode, layout) for mode in op.modes for layout in ("channels_last", "nchw")
+        }, op.name
+        assert all(float(r["median"]) > 0 for r in torch_times)
+    native = [r for r in times if r["op"] == "depthwise" and r["backend"] == "native"]
+    assert {r["mode"] for r in native} == set(OPS["depthwise"].modes)
+    model = {r["metric"] for r in rows if r["op"] == "model" and r["backend"] == "torch"}
+    assert {"throughput", "step_memory"} <= model
+    out = capsys.readouterr().out
+    assert "WRONG" not in out
+    assert "not in --quick" in out  # the compile baselines say why they did not run
+
+
+def test_a_wrong_backend_is_reported_not_timed():
+    op = OPS["pointwise_bn_act"]
+    case = op.make_case(op.quick_layers[0], 2, torch.float32, "channels_last", "eval")
+
+    def runner_with_a_bug(case, inputs, backend):
+        runner = op.make_runner(case, inputs, "torch")
+        if backend == "torch":
+            return runner
+        return lambda: {"output": runner()["output"] * 1.01}
+
+    timed = []
+
+    def time_fn(fn):
+        timed.append(fn)
+        return Timing(1e-3, 1e-3, 1e-3)
+
+    results = run_case(
+        dataclasses.replace(op, make_runner=runner_with_a_bug),
+        case,
+        ["torch", "native"],
+        torch.device("cpu"),
+        {"native": None},
+        time_fn,
+        Deadline(None),
+    )
+    assert [r.status for r in results] == ["ok", "wrong"]
+    assert len(timed) == 1
+    assert "output" in results[1].detail

@@ -232,15 +232,25 @@ struct PointwiseConv {
   // [N, C, H*W] planes of an NCHW tensor (a view).
   static at::Tensor planes(const at::Tensor& t) { return t.reshape({t.size(0), t.size(1), -1}); }
 
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) const {
+  // y = conv(input) (+ bias per output channel: the GEMM's own epilogue adds it).
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight,
+                     const at::Tensor& bias = at::Tensor()) const {
     const at::Tensor w = weight.reshape({weight.size(0), weight.size(1)});
     const at::Tensor x = input.contiguous(input.suggest_memory_format());
     at::Tensor y = output_like(x, w.size(0));
     at::Tensor y_view = channels_last(x) ? rows(y) : planes(y);  // writes through to y
-    if (channels_last(x))
-      at::mm_out(y_view, rows(x), w.t());
-    else
-      at::matmul_out(y_view, w, planes(x));
+    if (channels_last(x)) {
+      if (bias.defined())
+        at::addmm_out(y_view, bias, rows(x), w.t());
+      else
+        at::mm_out(y_view, rows(x), w.t());
+    } else {
+      if (bias.defined())
+        at::baddbmm_out(y_view, bias.view({1, -1, 1}).expand(y_view.sizes()),
+                        w.expand({x.size(0), -1, -1}), planes(x));
+      else
+        at::matmul_out(y_view, w, planes(x));
+    }
     return y;
   }
 
@@ -282,8 +292,11 @@ struct DepthwiseConv {
   DepthwiseConv(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation)
       : stride(stride), padding(padding), dilation(dilation) {}
 
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) const {
-    return depthwise_conv2d_fwd<Compute>(input, weight, std::nullopt, stride, padding, dilation);
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight,
+                     const at::Tensor& bias = at::Tensor()) const {
+    const std::optional<at::Tensor> b =
+        bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    return depthwise_conv2d_fwd<Compute>(input, weight, b, stride, padding, dilation);
   }
 
   void backward(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
@@ -374,6 +387,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
   const at::Tensor beta = bn_channel_vector(bn_bias, "bn_bias", C, input);
   if constexpr (Conv::kFusesBn) {
     return conv.forward_bn_act(input, weight, gamma, beta, rm, rv, training, eps, act);
+  } else if (!training &&
+             (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble)) {
+    // Eval: BN folded into the convolution (weight * scale, bias = shift), then the activation
+    // in place: one pass of the convolution and one of the activation (ATen's vectorised
+    // kernels), none of BN.
+    BnVectors bn(C, input, false, rm, rv);
+    bn_reduce<Launcher>(bn, at::empty({0, 3, C}, bn.mean.options()), gamma, beta, eps);
+    const at::Tensor scale = bn.scale.to(input.scalar_type());
+    at::Tensor y =
+        conv.forward(input, weight * scale.view({-1, 1, 1, 1}), bn.shift.to(input.scalar_type()));
+    TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
+    if (act == kActRelu)
+      y.relu_();
+    else if (act == kActRelu6)
+      y.clamp_(0, 6);
+    return {y, bn.mean, bn.var};
   } else {
     at::Tensor y = conv.forward(input, weight);
     TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");

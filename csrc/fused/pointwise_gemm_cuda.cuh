@@ -16,6 +16,7 @@
 // code of common/activation.h and common/moments.h.
 #pragma once
 
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -32,21 +33,43 @@
 namespace depsep {
 
 constexpr int kGemmTileM = 64, kGemmTileN = 64, kGemmTileK = 32, kGemmThreads = 128;
-constexpr int kGemmPadK = kGemmTileK + 8;  // 80-byte rows: 16-byte aligned, fewer bank conflicts
+constexpr int kGemmPadK = kGemmTileK + 8;  // rows of 80 or 160 bytes: fewer bank conflicts
 constexpr int kGemmPadN = kGemmTileN + 4;
 
 template <typename T>
 struct PwWmmaType;
-// Zeros by bit pattern: torch builds with __CUDA_NO_HALF_CONVERSIONS__ (no float constructor).
+// Per dtype: the shared-memory element type, the WMMA operand type, the K depth of one MMA, and
+// the operand conversion. float runs in TF32 (10-bit mantissa, float32 accumulation), as
+// cuDNN convolutions do by default. Zeros by bit pattern: torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__ (no float constructor for __half).
 template <>
 struct PwWmmaType<c10::Half> {
   using type = __half;
+  using operand = __half;
+  static constexpr int kDepth = 16;
   static __device__ type zero() { return __ushort_as_half(0); }
+  template <typename Fragment>
+  static __device__ void convert(Fragment&) {}
 };
 template <>
 struct PwWmmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
+  using operand = __nv_bfloat16;
+  static constexpr int kDepth = 16;
   static __device__ type zero() { return __ushort_as_bfloat16(0); }
+  template <typename Fragment>
+  static __device__ void convert(Fragment&) {}
+};
+template <>
+struct PwWmmaType<float> {
+  using type = float;
+  using operand = nvcuda::wmma::precision::tf32;
+  static constexpr int kDepth = 8;
+  static __device__ type zero() { return 0.0f; }
+  template <typename Fragment>
+  static __device__ void convert(Fragment& f) {
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+  }
 };
 
 template <typename T>
@@ -59,7 +82,7 @@ struct PwGemmArgs {
   const float* shift;         // [N]
   int64_t M, rows_per_block;  // statistics pass: rows a block reduces, a multiple of 64
   int32_t K, N, act;
-  bool vector_loads;  // K % 8 == 0 and both bases 16-byte aligned: 16-byte tile loads
+  bool vector_loads;  // K a multiple of 16 bytes' worth and both bases 16-byte aligned
 };
 
 // Loads the [64 x 32] tiles of x (rows m0..) and w (rows n0..) at column k0 into shared memory.
@@ -68,13 +91,14 @@ __device__ void pw_load_tiles(const PwGemmArgs<T>& a, int64_t m0, int n0, int k0
                               WT (*sx)[kGemmPadK], WT (*sw)[kGemmPadK]) {
   const WT zero = PwWmmaType<T>::zero();
   if (a.vector_loads) {
-    constexpr int kChunks = kGemmTileK / 8;  // 16-byte chunks per tile row
+    constexpr int kVec = 16 / sizeof(T);
+    constexpr int kChunks = kGemmTileK / kVec;  // 16-byte chunks per tile row
     for (int i = threadIdx.x; i < 2 * kGemmTileM * kChunks; i += kGemmThreads) {
       const bool is_x = i < kGemmTileM * kChunks;
       const int j = is_x ? i : i - kGemmTileM * kChunks;
-      const int r = j / kChunks, c = (j % kChunks) * 8;
+      const int r = j / kChunks, c = (j % kChunks) * kVec;
       const int64_t row = is_x ? m0 + r : static_cast<int64_t>(n0) + r;
-      const bool inside = row < (is_x ? a.M : a.N) && k0 + c < a.K;  // K % 8 == 0: all or none
+      const bool inside = row < (is_x ? a.M : a.N) && k0 + c < a.K;  // K % kVec == 0: all or none
       const T* src = (is_x ? a.x : a.w) + row * a.K + k0 + c;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (inside) v = *reinterpret_cast<const uint4*>(src);
@@ -105,18 +129,26 @@ __device__ void pw_gemm_tile(const PwGemmArgs<T>& a, int64_t m0, int n0,
   using WT = typename PwWmmaType<T>::type;
   const int warp = threadIdx.x / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  using Operand = typename PwWmmaType<T>::operand;
+  constexpr int kDepth = PwWmmaType<T>::kDepth;
+  wmma::fragment<wmma::accumulator, 16, 16, kDepth, float> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   for (int k0 = 0; k0 < a.K; k0 += kGemmTileK) {
     pw_load_tiles<T, WT>(a, m0, n0, k0, sx, sw);
     __syncthreads();
-    for (int kk = 0; kk < kGemmTileK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> fa[2];
+    for (int kk = 0; kk < kGemmTileK; kk += kDepth) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kDepth, Operand, wmma::row_major> fa[2];
       // B = w^T: element (k, n) sits at sw[n][k], a column-major [K x 64] tile.
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> fb[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sx[wm + 16 * i][kk], kGemmPadK);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sw[wn + 16 * j][kk], kGemmPadK);
+      wmma::fragment<wmma::matrix_b, 16, 16, kDepth, Operand, wmma::col_major> fb[2];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], &sx[wm + 16 * i][kk], kGemmPadK);
+        PwWmmaType<T>::convert(fa[i]);
+      }
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(fb[j], &sw[wn + 16 * j][kk], kGemmPadK);
+        PwWmmaType<T>::convert(fb[j]);
+      }
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
@@ -153,8 +185,10 @@ __global__ void __launch_bounds__(kGemmThreads) pointwise_gemm_apply_kernel(PwGe
 // Statistics pass: grid (chunks, ceil(N / 64)); a block reduces rows_per_block rows, 64 at a
 // time, into one BnMoments per channel (tile moments from shifted sums, merged in row order),
 // written as partial[chunk][0..2][n].
+// One block per SM at least: lets ptxas keep the per-channel moments in registers (capped at
+// 128 it spilled a few bytes on sm_80).
 template <typename T>
-__global__ void __launch_bounds__(kGemmThreads) pointwise_gemm_stats_kernel(PwGemmArgs<T> a) {
+__global__ void __launch_bounds__(kGemmThreads, 1) pointwise_gemm_stats_kernel(PwGemmArgs<T> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using WT = typename PwWmmaType<T>::type;
   __shared__ __align__(32) WT sx[kGemmTileM][kGemmPadK];
@@ -213,9 +247,10 @@ void launch_pointwise_gemm(const PwGemmArgs<T>& a, bool stats) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The 1x1 convolution policy of the CUDA fused ops: the WMMA kernels above for float16 and
-// bfloat16 in channels_last; cuBLAS and the BN thread programs otherwise (float32, float64,
-// NCHW). Backward as PointwiseConv.
+// The 1x1 convolution policy of the CUDA fused ops: the WMMA kernels above in channels_last for
+// float16, bfloat16, and float32 when TF32 is allowed for convolutions
+// (torch.backends.cudnn.allow_tf32, on by default, as for the cuDNN reference); cuBLAS and the
+// BN thread programs otherwise (float64, NCHW, float32 without TF32). Backward as PointwiseConv.
 struct PointwiseFusedConv : PointwiseConv {
   static constexpr bool kFusesBn = true;
 
@@ -223,8 +258,10 @@ struct PointwiseFusedConv : PointwiseConv {
       const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gamma,
       const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var,
       bool training, double eps, int32_t act) const {
-    const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-    if (!reduced || !channels_last(input)) {
+    const auto dtype = input.scalar_type();
+    const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
+                              (dtype == at::kFloat && at::globalContext().allowTF32CuDNN());
+    if (!tensor_cores || !channels_last(input)) {
       at::Tensor y = forward(input, weight);
       TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
       auto [mean, var] = BnActPasses<CudaLauncher>::forward(y, gamma, beta, running_mean,
@@ -242,7 +279,8 @@ struct PointwiseFusedConv : PointwiseConv {
     at::Tensor partial = at::empty({chunks, 3, w.size(0)}, bn.mean.options());
     const bool aligned = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 == 0;
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "pointwise_gemm_bn", [&] {
+    const auto run = [&](auto type_tag) {
+      using scalar_t = decltype(type_tag);
       PwGemmArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
                                 w.const_data_ptr<scalar_t>(),
                                 out.mutable_data_ptr<scalar_t>(),
@@ -254,13 +292,19 @@ struct PointwiseFusedConv : PointwiseConv {
                                 static_cast<int32_t>(x.size(1)),
                                 static_cast<int32_t>(w.size(0)),
                                 act,
-                                x.size(1) % 8 == 0 && aligned};
+                                x.size(1) % (16 / x.element_size()) == 0 && aligned};
       if (training) launch_pointwise_gemm(args, /*stats=*/true);
       bn_reduce<CudaLauncher>(bn, partial, gamma, beta, eps);
       args.scale = bn.scale.const_data_ptr<float>();
       args.shift = bn.shift.const_data_ptr<float>();
       launch_pointwise_gemm(args, /*stats=*/false);
-    });
+    };
+    if (dtype == at::kHalf)
+      run(c10::Half());
+    else if (dtype == at::kBFloat16)
+      run(c10::BFloat16());
+    else
+      run(float());
     return {out, bn.mean, bn.var};
   }
 };
