@@ -13,7 +13,8 @@ BACKENDS = ("torch", "native", "triton")
 # GPU order is unmeasured so far: the compiled kernels first.
 _AUTO_ORDER = {"cpu": ("torch", "native"), "cuda": ("native", "triton", "torch")}
 # The fused conv+BN+act ops in eval fold BN into the convolution: on CPU the native ops then
-# beat eager conv + BatchNorm2d + ReLU (MobileNet V1 inference 1.14-1.24x, single layers
+# beat eager conv + BatchNorm2d + ReLU (MobileNet V1 inference 1.14-1.24x at batch 8, 1.06x at
+# batch 2 in bench/results/2026-11-29-cpu; single layers
 # 1.0-3.6x; this machine, 2026-11-29), while their training passes do not (0.4-0.7x).
 _AUTO_ORDER_FUSED_EVAL = {**_AUTO_ORDER, "cpu": ("native", "torch")}
 ENV_VAR = "DEPSEP_BACKEND"
