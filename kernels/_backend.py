@@ -8,14 +8,14 @@ from . import _extension, _ops
 
 BACKENDS = ("torch", "native", "triton")
 # Auto picks the first available backend of its device type's list: the fastest first, as the
-# benchmarks measured them. On CPU oneDNN still beats the native loops (bench/results/
-# 2026-11-29-cpu: 0.97x forward, 0.75x backward in channels_last), so "torch" comes first.
-# GPU order is unmeasured so far: the compiled kernels first.
+# benchmarks measured them. On CPU oneDNN still beats the native depthwise loops and the fused
+# ops' training passes (bench/results/2026-11-29-cpu: depthwise 0.83x forward, 0.72x backward;
+# fused forward+backward 0.38-0.61x), so "torch" comes first. GPU order is unmeasured so far:
+# the compiled kernels first.
 _AUTO_ORDER = {"cpu": ("torch", "native"), "cuda": ("native", "triton", "torch")}
-# The fused conv+BN+act ops in eval fold BN into the convolution: on CPU the native ops then
-# beat eager conv + BatchNorm2d + ReLU (MobileNet V1 inference 1.14-1.24x at batch 8, 1.06x at
-# batch 2 in bench/results/2026-11-29-cpu; single layers
-# 1.0-3.6x; this machine, 2026-11-29), while their training passes do not (0.4-0.7x).
+# The fused conv+BN+act ops in eval fold BN into the convolution, and there the native CPU ops
+# beat eager conv + BatchNorm2d + ReLU (same results: 1.19x depthwise, 1.43x pointwise; MobileNet
+# V1 inference 1.06x at batch 2, 1.14-1.24x at batch 8).
 _AUTO_ORDER_FUSED_EVAL = {**_AUTO_ORDER, "cpu": ("native", "torch")}
 ENV_VAR = "DEPSEP_BACKEND"
 

@@ -396,7 +396,8 @@ struct DwBnStatsProgram {
                                 ? row_begin + a.plan.rows_per_chunk
                                 : row_total;
     Acc shift[VEC], s1[VEC], s2[VEC];
-    for (int v = 0; v < VEC; ++v) s1[v] = s2[v] = Acc(0);
+    for (int v = 0; v < VEC; ++v)
+      shift[v] = s1[v] = s2[v] = Acc(0);  // shift: set by the first tile
     bool first = true;
     for (int64_t r = row_begin; r < row_end; ++r) {
       for (int64_t col0 = 0; col0 < g.OW; col0 += STRIP) {
