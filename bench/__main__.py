@@ -24,7 +24,15 @@ from bench.harness import (
     measure_copy,
     run_case,
 )
-from bench.report import Run, collect_run_info, print_tables, write_outputs
+from bench.report import (
+    CSV_NAME,
+    SUMMARY_NAME,
+    Run,
+    collect_run_info,
+    print_tables,
+    write_csv,
+    write_markdown,
+)
 
 # Every benchmarked op, in table order; a new op module adds its OP here.
 OPS = {
@@ -79,6 +87,19 @@ DEFAULT_PLANS = {
 }
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16",)}
 QUICK_BATCH = 2
+
+
+def write_outputs(run: Run, out_dir: Path) -> list[Path]:
+    """Write the run's files into out_dir: the CSV, the Markdown summary and one PNG per op
+    (time per layer per backend beside the fraction of copy bandwidth; for the model, images/s
+    beside the training step's memory): at most 7 files."""
+    from bench.plots import write_plots  # matplotlib only when files are written
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, summary_path = out_dir / CSV_NAME, out_dir / SUMMARY_NAME
+    write_csv(run, csv_path)
+    write_markdown(run, summary_path)
+    return [csv_path, summary_path, *write_plots(run, out_dir)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from bench.harness import (
@@ -54,6 +53,7 @@ from bench.shapes import (
     subset,
 )
 from kernels import reference
+from kernels._common import stats_dtype
 
 MODES = ("eval", "forward", "backward", "forward+backward")
 MOMENTUM, EPS, ACTIVATION = 0.1, 1e-5, "relu"
@@ -72,7 +72,7 @@ def conv_bn_act_min_bytes(mode: str, x: int, y: int, w: int, c: int) -> int:
 
 def bn_dtype(dtype: torch.dtype) -> torch.dtype:
     """BatchNorm's parameters and statistics: float32, or float64 for float64 runs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return stats_dtype(dtype)
 
 
 @dataclass(frozen=True)
@@ -153,14 +153,14 @@ def _make_inputs(geometry_of: Callable, case: Case, device: torch.device) -> BnA
 
 def _reference_conv(g: Geometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if g.groups > 1:
-        return reference.depthwise_conv2d(x, w, None, g.stride, g.padding, 1)
-    return F.conv2d(x, w)
+        return reference.depthwise_conv(x, w, None, g.stride, g.padding, 1)
+    return reference.pointwise_conv(x, w)
 
 
 def _reference(g: Geometry, x, w, running_mean, running_var, bn_weight, bn_bias, training):
     y = _reference_conv(g, x, w)
-    return reference.conv_bn_act(
-        y, running_mean, running_var, bn_weight, bn_bias, training, MOMENTUM, EPS, ACTIVATION
+    return reference.bn_act(
+        y, running_mean, running_var, bn_weight, bn_bias, None, training, MOMENTUM, EPS, ACTIVATION
     )
 
 

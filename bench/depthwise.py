@@ -78,7 +78,7 @@ def make_inputs(case: Case, device: torch.device) -> DepthwiseInputs:
 
 def _depthwise_conv(backend: str, input: torch.Tensor, weight: torch.Tensor, layer: DepthwiseLayer):
     if backend in (REFERENCE, ATEN_DEPTHWISE):
-        return reference.depthwise_conv2d(input, weight, None, layer.stride, layer.padding, 1)
+        return reference.depthwise_conv(input, weight, None, layer.stride, layer.padding, 1)
     return kernels.depthwise_conv2d(
         input, weight, None, layer.stride, layer.padding, backend=backend
     )

@@ -351,19 +351,6 @@ def print_tables(run: Run) -> None:
             print(f"  {note}")
 
 
-def write_outputs(run: Run, out_dir: Path) -> list[Path]:
-    """Write the run's files into out_dir: the CSV, the Markdown summary and one PNG per op
-    (time per layer per backend beside the fraction of copy bandwidth; for the model, images/s
-    beside the training step's memory): at most 7 files."""
-    from bench.plots import write_plots  # matplotlib only when files are written
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, summary_path = out_dir / CSV_NAME, out_dir / SUMMARY_NAME
-    write_csv(run, csv_path)
-    write_markdown(run, summary_path)
-    return [csv_path, summary_path, *write_plots(run, out_dir)]
-
-
 def _csv_rows(run: Run):
     info = run.info
     common = {

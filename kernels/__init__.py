@@ -5,10 +5,7 @@ Backends: "torch" (the reference), "native" (kernels._C: C++ on CPU, CUDA C++ on
 backend is reported by `available_backends` and by a warning.
 """
 
-from . import (
-    _extension,  # noqa: F401  (loads kernels._C: the native kernels of those ops)
-    _ops,  # noqa: F401  (defines the op schemas, fakes and autograd)
-)
+from . import _loaders  # noqa: F401  (loads kernels._C and the Triton kernels)
 from ._backend import BACKENDS, available_backends
 from .functional import depthwise_bn_act, depthwise_conv2d, pointwise_bn_act
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from . import _extension, _ops
+from . import _loaders, _ops
 
 BACKENDS = ("torch", "native", "triton")
 # Auto picks the first available backend of its device type's list: the fastest first, as the
@@ -18,14 +18,16 @@ _AUTO_ORDER = {"cpu": ("torch", "native"), "cuda": ("native", "triton", "torch")
 # V1 inference 1.06x at batch 2, 1.14-1.24x at batch 8).
 _AUTO_ORDER_FUSED_EVAL = {**_AUTO_ORDER, "cpu": ("native", "torch")}
 ENV_VAR = "DEPSEP_BACKEND"
+# Read once, like Triton itself, which only honours it when set before its import.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _native_unavailable(device: torch.device) -> str | None:
-    if _extension.LOAD_ERROR is not None:
-        return _extension.LOAD_ERROR
-    if device.type not in ("cpu", "cuda"):
-        return f"no native kernels for {device.type} tensors (cpu and cuda only)"
-    if device.type == "cuda" and not _ops.has_native_kernel("depthwise_conv2d_fwd", "CUDA"):
+def _native_unavailable(device_type: str) -> str | None:
+    if _loaders.NATIVE_ERROR is not None:
+        return _loaders.NATIVE_ERROR
+    if device_type not in ("cpu", "cuda"):
+        return f"no native kernels for {device_type} tensors (cpu and cuda only)"
+    if device_type == "cuda" and not _ops.has_native_kernel("CUDA"):
         return (
             "kernels._C was built without CUDA kernels (torch without CUDA, no nvcc, or "
             "DEPSEP_SKIP_CUDA_BUILD=1 at build time)"
@@ -33,34 +35,50 @@ def _native_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _triton_unavailable(device: torch.device) -> str | None:
-    if _ops.TRITON_IMPORT_ERROR is not None:
-        return _ops.TRITON_IMPORT_ERROR
-    if device.type == "cuda":
+def _triton_unavailable(device_type: str) -> str | None:
+    if _loaders.TRITON_ERROR is not None:
+        return _loaders.TRITON_ERROR
+    if device_type == "cuda":
         return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+    if device_type == "cpu":
+        if _TRITON_INTERPRET:
             return None
         return (
             "Triton needs CUDA tensors; CPU tensors run only under the Triton interpreter "
             "(TRITON_INTERPRET=1 set before triton is imported; for tests)"
         )
-    return f"no Triton kernels for {device.type} tensors"
+    return f"no Triton kernels for {device_type} tensors"
+
+
+def _compute_reasons(device_type: str) -> dict[str, str | None]:
+    return {
+        "torch": None,
+        "native": _native_unavailable(device_type),
+        "triton": _triton_unavailable(device_type),
+    }
+
+
+# What can run depends on the device type and the build only: computed once per type, at import
+# for the device types the kernels serve (so that torch.compile never traces the cache filling).
+_REASONS = {device_type: _compute_reasons(device_type) for device_type in ("cpu", "cuda")}
+
+
+def _reasons(device_type: str) -> dict[str, str | None]:
+    reasons = _REASONS.get(device_type)
+    if reasons is None:
+        reasons = _REASONS[device_type] = _compute_reasons(device_type)
+    return reasons
 
 
 def available_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:
     """Each backend's name mapped to None when it can run on `device`, else to the reason why
     not (a missing or CPU-only build, Triton not installed, CPU tensors for Triton, ...)."""
-    device = torch.device(device)
-    return {
-        "torch": None,
-        "native": _native_unavailable(device),
-        "triton": _triton_unavailable(device),
-    }
+    return dict(_reasons(torch.device(device).type))
 
 
 def _check_name(name, source: str) -> None:
-    if name not in BACKENDS:
+    # A test-only OpSet (kernels._ops.host_program_ops) is chosen by its OPS key too.
+    if name not in BACKENDS and name not in _ops.OPS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
 
 
@@ -74,11 +92,11 @@ def select_backend(backend: str | None, device: torch.device, fused_eval: bool =
             _check_name(backend, f"${ENV_VAR}")
     else:
         _check_name(backend, "backend")
+    reasons = _reasons(device.type)
     if backend is None:
-        reasons = available_backends(device)
         order = (_AUTO_ORDER_FUSED_EVAL if fused_eval else _AUTO_ORDER).get(device.type, ("torch",))
         return next(name for name in order if reasons[name] is None)
-    reason = available_backends(device)[backend]
+    reason = reasons.get(backend)
     if reason is not None:
         raise RuntimeError(f"depsep: backend {backend!r} cannot run on {device}: {reason}")
     return backend

@@ -1,350 +1,538 @@
-"""The op library: every op's schema (defined once, here), its fake kernel, and its autograd.
+"""The op library: every op's schema (defined once, here), the table of each backend's ops, the
+fake kernels and the autograd.
 
-Layering (STYLE.md): kernels (csrc/ and triton_*.py) -> registered ops without autograd (here
-and the triton_op definitions) -> autograd registrations (here) -> the public functions and
-nn.Modules. The "native" implementations are registered for CPU and CUDA by kernels._C.
+An op is layered as kernel (csrc/, kernels/triton/) -> registered op without autograd (its schema
+here; its implementation registered by kernels._C for "native", by kernels/triton/ for "triton")
+-> autograd (the Functions below) -> public function (functional.py) -> nn.Module (mobilenet/).
+Every backend's op of a name has the same schema; `OPS[backend]` holds their handles.
 """
 
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
 import torch
+from torch import Tensor
+from torch._ops import OpOverload
 
-from ._layout import memory_format
+from ._common import conv2d_output_hw, memory_format, stats_dtype
 
-_LIB = torch.library.Library("depsep", "DEF")  # noqa: TOR901 (one DEF library for the namespace)
-_FIXED_LAYOUT = (torch.Tag.needs_fixed_stride_order,)
 
-# The native depthwise ops, and their "_host_programs_" twins: CPU-only, test-only entry
-# points that run the CUDA kernels' thread programs on the host (csrc/depthwise/).
-NATIVE_DEPTHWISE_PREFIXES = ("", "_host_programs_")
-for _prefix in NATIVE_DEPTHWISE_PREFIXES:
-    _LIB.define(
-        f"{_prefix}depthwise_conv2d_fwd(Tensor input, Tensor weight, Tensor? bias, "
-        "int[2] stride, int[4] padding, int[2] dilation) -> Tensor",
-        tags=_FIXED_LAYOUT,
+class OpSignatures:
+    """The signature of every op, from which its schema is inferred (shape arguments are SymInt,
+    so that torch.compile(dynamic=True) keeps them symbolic). padding is [top, bottom, left,
+    right]; stride, dilation and kernel_size are [h, w]. Every op computes in the memory format
+    of its input (grad_output for the input gradient) and returns activation-sized results in it.
+    """
+
+    @staticmethod
+    def depthwise_conv2d_fwd(
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+    ) -> Tensor:
+        """F.conv2d(input, weight, bias, groups=C) with weight [C, 1, kH, kW]."""
+
+    @staticmethod
+    def depthwise_conv2d_bwd_input(
+        grad_output: Tensor,
+        weight: Tensor,
+        input_shape: Sequence[int],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+    ) -> Tensor:
+        """The gradient of depthwise_conv2d_fwd with respect to its input."""
+
+    @staticmethod
+    def depthwise_conv2d_bwd_weight(
+        grad_output: Tensor,
+        input: Tensor,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        compute_bias: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """(grad_weight [C, 1, kH, kW], grad_bias [C] or an empty [0]), reduced in a fixed order."""
+
+    @staticmethod
+    def pointwise_bn_act_fwd(
+        input: Tensor,
+        weight: Tensor,
+        bn_weight: Tensor | None,
+        bn_bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        num_batches_tracked: Tensor | None,
+        training: bool,
+        momentum: float | None,
+        eps: float,
+        activation: str,
+    ) -> tuple[Tensor, Tensor]:
+        """(act(BN(conv1x1(input))), stats) with weight [C_out, C_in, 1, 1].
+
+        training: normalise with the batch's mean and biased variance; then, when given,
+        num_batches_tracked counts the batch and the running statistics move towards the batch's
+        (unbiased variance) by `momentum`, or by 1 / num_batches_tracked when momentum is None (a
+        cumulative average). Otherwise normalise with the running statistics, which are required.
+        stats [2, C_out] holds the mean and biased variance it normalised with, in the
+        accumulation dtype (float64 for float64 input, else float32)."""
+
+    @staticmethod
+    def pointwise_bn_act_bwd(
+        grad_output: Tensor,
+        input: Tensor,
+        weight: Tensor,
+        bn_weight: Tensor | None,
+        bn_bias: Tensor | None,
+        stats: Tensor,
+        training: bool,
+        eps: float,
+        activation: str,
+        output_mask: Sequence[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(grad_input, grad_weight, grad_bn_weight, grad_bn_bias) of pointwise_bn_act_fwd from
+        its saved input, weights and stats (the convolution, BN output and activation mask are
+        recomputed); each an empty [0] where output_mask says it is not wanted."""
+
+    @staticmethod
+    def depthwise_bn_act_fwd(
+        input: Tensor,
+        weight: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        bn_weight: Tensor | None,
+        bn_bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        num_batches_tracked: Tensor | None,
+        training: bool,
+        momentum: float | None,
+        eps: float,
+        activation: str,
+    ) -> tuple[Tensor, Tensor]:
+        """pointwise_bn_act_fwd with a depthwise convolution, weight [C, 1, kH, kW]."""
+
+    @staticmethod
+    def depthwise_bn_act_bwd(
+        grad_output: Tensor,
+        input: Tensor,
+        weight: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        bn_weight: Tensor | None,
+        bn_bias: Tensor | None,
+        stats: Tensor,
+        training: bool,
+        eps: float,
+        activation: str,
+        output_mask: Sequence[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The gradients of depthwise_bn_act_fwd, as pointwise_bn_act_bwd's."""
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+MUTATED_ARGS = {"pointwise_bn_act_fwd": _RUNNING_STATS, "depthwise_bn_act_fwd": _RUNNING_STATS}
+
+
+def _op_names() -> list[str]:
+    return [name for name, _ in inspect.getmembers(OpSignatures, inspect.isfunction)]
+
+
+SCHEMAS = {
+    name: torch.library.infer_schema(
+        getattr(OpSignatures, name), mutates_args=MUTATED_ARGS.get(name, ())
     )
-    _LIB.define(
-        f"{_prefix}depthwise_conv2d_bwd_input(Tensor grad_output, Tensor weight, "
-        "int[4] input_shape, int[2] stride, int[4] padding, int[2] dilation) -> Tensor",
-        tags=_FIXED_LAYOUT,
-    )
-    _LIB.define(
-        f"{_prefix}depthwise_conv2d_bwd_weight(Tensor grad_output, Tensor input, "
-        "int[2] kernel_size, int[2] stride, int[4] padding, int[2] dilation, "
-        "bool compute_bias) -> (Tensor, Tensor)",
-        tags=_FIXED_LAYOUT,
-    )
+    for name in _op_names()
+}
 
 
-def has_native_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"depsep::{op}", dispatch_key)
+@dataclass(frozen=True)
+class OpSet:
+    """One backend's registered ops, by op name."""
+
+    depthwise_conv2d_fwd: OpOverload
+    depthwise_conv2d_bwd_input: OpOverload
+    depthwise_conv2d_bwd_weight: OpOverload
+    pointwise_bn_act_fwd: OpOverload
+    pointwise_bn_act_bwd: OpOverload
+    depthwise_bn_act_fwd: OpOverload
+    depthwise_bn_act_bwd: OpOverload
+
+    @classmethod
+    def from_namespace(cls, namespace: str, prefix: str = "") -> "OpSet":
+        ops = getattr(torch.ops, namespace)
+        return cls(**{f.name: getattr(ops, prefix + f.name).default for f in fields(cls)})
 
 
-def conv_output_size(size: int, pad_begin: int, pad_end: int, k: int, stride: int, dilation: int):
-    return (size + pad_begin + pad_end - dilation * (k - 1) - 1) // stride + 1
+assert sorted(f.name for f in fields(OpSet)) == sorted(SCHEMAS), "OpSet and OpSignatures differ"
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and memory formats of every op's outputs
+# ---------------------------------------------------------------------------------------------
 
 
 def _depthwise_output_shape(input_shape, kernel_size, stride, padding, dilation):
     n, c, h, w = input_shape
-    oh = conv_output_size(h, padding[0], padding[1], kernel_size[0], stride[0], dilation[0])
-    ow = conv_output_size(w, padding[2], padding[3], kernel_size[1], stride[1], dilation[1])
+    oh, ow = conv2d_output_hw(h, w, kernel_size, stride, padding, dilation)
     torch._check(oh > 0 and ow > 0, lambda: "depsep: kernel larger than the padded input")
     return (n, c, oh, ow)
 
 
-def _depthwise_conv2d_fwd_fake(input, weight, bias, stride, padding, dilation):
+def _check_depthwise_weight(input, weight):
     torch._check(input.dim() == 4, lambda: "depsep: input must be 4-D")
     torch._check(
         tuple(weight.shape[:2]) == (input.shape[1], 1),
         lambda: f"depsep: weight must be [C, 1, kH, kW], got {tuple(weight.shape)}",
     )
     torch._check(weight.dtype == input.dtype, lambda: "depsep: weight dtype must match input")
+
+
+def _check_grad_output(grad_output, expected):
+    torch._check(
+        tuple(grad_output.shape) == tuple(expected),
+        lambda: f"depsep: grad_output must be {tuple(expected)}, got {tuple(grad_output.shape)}",
+    )
+
+
+def _empty_like_layout(shape, like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty(shape, dtype=dtype).contiguous(memory_format=memory_format(like))
+
+
+def _depthwise_conv2d_fwd_fake(input, weight, bias, stride, padding, dilation):
+    _check_depthwise_weight(input, weight)
     shape = _depthwise_output_shape(input.shape, weight.shape[2:], stride, padding, dilation)
-    return input.new_empty(shape).contiguous(memory_format=memory_format(input))
+    return _empty_like_layout(shape, input)
 
 
 def _depthwise_conv2d_bwd_input_fake(grad_output, weight, input_shape, stride, padding, dilation):
     torch._check(grad_output.dim() == 4, lambda: "depsep: grad_output must be 4-D")
     expected = _depthwise_output_shape(input_shape, weight.shape[2:], stride, padding, dilation)
-    torch._check(
-        tuple(grad_output.shape) == expected,
-        lambda: f"depsep: grad_output must be {expected}, got {tuple(grad_output.shape)}",
-    )
-    return grad_output.new_empty(input_shape).contiguous(memory_format=memory_format(grad_output))
+    _check_grad_output(grad_output, expected)
+    return _empty_like_layout(input_shape, grad_output)
 
 
 def _depthwise_conv2d_bwd_weight_fake(
     grad_output, input, kernel_size, stride, padding, dilation, compute_bias
 ):
     expected = _depthwise_output_shape(input.shape, kernel_size, stride, padding, dilation)
-    torch._check(
-        tuple(grad_output.shape) == expected,
-        lambda: f"depsep: grad_output must be {expected}, got {tuple(grad_output.shape)}",
-    )
+    _check_grad_output(grad_output, expected)
     channels = input.shape[1]
     grad_weight = input.new_empty((channels, 1, *kernel_size))
     return grad_weight, input.new_empty((channels if compute_bias else 0,))
 
 
-def _register_depthwise_autograd(prefix: str) -> None:
-    """Autograd of one backend's three depthwise ops ("depsep::{prefix}depthwise_conv2d_*").
-
-    The forward saves the input only when the weight needs a gradient and the weight only when
-    the input does. The two backward ops are linear in both arguments, so their own gradients
-    are depthwise ops again: double backward works through the same kernels.
-    """
-    ns = torch.ops.depsep
-    fwd = getattr(ns, f"{prefix}depthwise_conv2d_fwd").default
-    bwd_input = getattr(ns, f"{prefix}depthwise_conv2d_bwd_input").default
-    bwd_weight = getattr(ns, f"{prefix}depthwise_conv2d_bwd_weight").default
-
-    def fwd_setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation = inputs
-        needs_input, needs_weight = ctx.needs_input_grad[:2]
-        ctx.geometry = (list(stride), list(padding), list(dilation))
-        ctx.input_shape = list(input.shape)
-        ctx.input_format = memory_format(input)
-        ctx.kernel_size = list(weight.shape[2:])
-        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
-
-    def fwd_backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_input = grad_weight = grad_bias = None
-        # The kernels compute in grad_output's layout; the gradients follow the input's.
-        grad_output = grad_output.contiguous(memory_format=ctx.input_format)
-        if needs_input:
-            grad_input = bwd_input(grad_output, weight, ctx.input_shape, *ctx.geometry)
-        if needs_weight:
-            grad_weight, grad_bias = bwd_weight(
-                grad_output, input, ctx.kernel_size, *ctx.geometry, needs_bias
-            )
-        elif needs_bias:  # the bias alone needs no input
-            grad_bias = grad_output.sum((0, 2, 3))
-        return grad_input, grad_weight, grad_bias if needs_bias else None, None, None, None
-
-    def bwd_input_setup_context(ctx, inputs, output):
-        grad_output, weight, input_shape, stride, padding, dilation = inputs
-        ctx.geometry = (list(stride), list(padding), list(dilation))
-        ctx.kernel_size = list(weight.shape[2:])
-        ctx.save_for_backward(grad_output, weight)
-
-    def bwd_input_backward(ctx, grad_grad_input):
-        grad_output, weight = ctx.saved_tensors
-        needs_grad_output, needs_weight = ctx.needs_input_grad[:2]
-        # grad_input = conv_transpose(grad_output, weight): its adjoints are a forward
-        # convolution and a weight gradient with grad_grad_input in the input's place.
-        d_grad_output = d_weight = None
-        if needs_grad_output:
-            d_grad_output = fwd(grad_grad_input, weight, None, *ctx.geometry)
-        if needs_weight:
-            d_weight, _ = bwd_weight(
-                grad_output, grad_grad_input, ctx.kernel_size, *ctx.geometry, False
-            )
-        return d_grad_output, d_weight, None, None, None, None
-
-    def bwd_weight_setup_context(ctx, inputs, output):
-        grad_output, input, kernel_size, stride, padding, dilation, compute_bias = inputs
-        ctx.geometry = (list(stride), list(padding), list(dilation))
-        ctx.input_shape = list(input.shape)
-        ctx.kernel_size = list(kernel_size)
-        ctx.compute_bias = compute_bias
-        ctx.save_for_backward(grad_output, input)
-
-    def bwd_weight_backward(ctx, grad_grad_weight, grad_grad_bias):
-        grad_output, input = ctx.saved_tensors
-        needs_grad_output, needs_input = ctx.needs_input_grad[:2]
-        if grad_grad_weight is None:
-            grad_grad_weight = input.new_zeros(input.shape[1], 1, *ctx.kernel_size)
-        use_bias = ctx.compute_bias and grad_grad_bias is not None
-        d_grad_output = d_input = None
-        if needs_grad_output:
-            bias = grad_grad_bias if use_bias else None
-            d_grad_output = fwd(input, grad_grad_weight, bias, *ctx.geometry)
-        if needs_input:
-            d_input = bwd_input(grad_output, grad_grad_weight, ctx.input_shape, *ctx.geometry)
-        return d_grad_output, d_input, None, None, None, None, None
-
-    torch.library.register_autograd(fwd, fwd_backward, setup_context=fwd_setup_context)
-    torch.library.register_autograd(
-        bwd_input, bwd_input_backward, setup_context=bwd_input_setup_context
-    )
-    torch.library.register_autograd(
-        bwd_weight, bwd_weight_backward, setup_context=bwd_weight_setup_context
-    )
-
-
-for _prefix in NATIVE_DEPTHWISE_PREFIXES:
-    torch.library.register_fake(
-        f"depsep::{_prefix}depthwise_conv2d_fwd", _depthwise_conv2d_fwd_fake
-    )
-    torch.library.register_fake(
-        f"depsep::{_prefix}depthwise_conv2d_bwd_input", _depthwise_conv2d_bwd_input_fake
-    )
-    torch.library.register_fake(
-        f"depsep::{_prefix}depthwise_conv2d_bwd_weight", _depthwise_conv2d_bwd_weight_fake
-    )
-    _register_depthwise_autograd(_prefix)
-
-
-# The fused convolution + BatchNorm + activation ops, per backend prefix ("" native, "triton_").
-# The forward returns the output and the per-channel mean and biased variance it normalised with
-# (the batch's in training, the running statistics in eval), in float32 (float64 for float64
-# input); the caller updates the running statistics from them. The backward recomputes the
-# convolution, the BN output and the activation mask from the input: autograd keeps the input,
-# the weights and those two vectors, no other activation-sized tensor.
-FUSED_CONVS = {
-    "pointwise": "",
-    "depthwise": "int[2] stride, int[4] padding, int[2] dilation, ",
-}
-ACTIVATIONS = ("relu", "relu6", "none")
-
-
-def define_bn_act_ops(prefix: str, convs=tuple(FUSED_CONVS)) -> None:
-    """Defines the schemas of one backend's fused ops (the native ones, or for a test)."""
-    for conv in convs:
-        geometry = FUSED_CONVS[conv]
-        _LIB.define(
-            f"{prefix}{conv}_bn_act_fwd(Tensor input, Tensor weight, {geometry}"
-            "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
-            "bool training, float eps, str activation) -> (Tensor, Tensor, Tensor)",
-            tags=_FIXED_LAYOUT,
-        )
-        _LIB.define(
-            f"{prefix}{conv}_bn_act_bwd(Tensor grad_output, Tensor input, Tensor weight, "
-            f"{geometry}Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, "
-            "bool training, float eps, str activation, bool[4] output_mask) "
-            "-> (Tensor, Tensor, Tensor, Tensor)",
-            tags=_FIXED_LAYOUT,
-        )
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-channel statistics a fused op returns: its accumulation type."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fused_output_shape(conv, input, weight, geometry):
-    if conv == "pointwise":
+def _fused_output_shape(input, weight, geometry):
+    """The convolution output shape of a fused op: 1x1 when geometry is empty, else depthwise."""
+    torch._check(input.dim() == 4, lambda: "depsep: input must be 4-D")
+    torch._check(weight.dtype == input.dtype, lambda: "depsep: weight dtype must match input")
+    if not geometry:
         torch._check(
             tuple(weight.shape[1:]) == (input.shape[1], 1, 1),
             lambda: f"depsep: weight must be [C_out, {input.shape[1]}, 1, 1]",
         )
         return (input.shape[0], weight.shape[0], input.shape[2], input.shape[3])
-    torch._check(
-        tuple(weight.shape[:2]) == (input.shape[1], 1),
-        lambda: f"depsep: weight must be [C, 1, kH, kW], got {tuple(weight.shape)}",
-    )
+    _check_depthwise_weight(input, weight)
     return _depthwise_output_shape(input.shape, weight.shape[2:], *geometry)
 
 
-def _bn_act_fwd_fake(conv):
-    def fake(input, weight, *args):
-        geometry = args[:3] if conv == "depthwise" else ()
-        torch._check(input.dim() == 4, lambda: "depsep: input must be 4-D")
-        torch._check(weight.dtype == input.dtype, lambda: "depsep: weight dtype must match input")
-        shape = _fused_output_shape(conv, input, weight, geometry)
-        out = input.new_empty(shape).contiguous(memory_format=memory_format(input))
-        stats = input.new_empty((shape[1],), dtype=stats_dtype(input.dtype))
-        return out, stats, torch.empty_like(stats)
-
-    return fake
+def _bn_act_fwd_fake(input, weight, geometry):
+    shape = _fused_output_shape(input, weight, geometry)
+    stats = input.new_empty((2, shape[1]), dtype=stats_dtype(input.dtype))
+    return _empty_like_layout(shape, input), stats
 
 
-def _bn_act_bwd_fake(conv):
-    def fake(grad_output, input, weight, *args):
-        geometry = args[:3] if conv == "depthwise" else ()
-        bn_weight, bn_bias = args[len(geometry) : len(geometry) + 2]
-        output_mask = args[-1]
-        expected = _fused_output_shape(conv, input, weight, geometry)
-        torch._check(
-            tuple(grad_output.shape) == expected,
-            lambda: f"depsep: grad_output must be {expected}, got {tuple(grad_output.shape)}",
+def _bn_act_bwd_fake(grad_output, input, weight, geometry, bn_weight, bn_bias, output_mask):
+    expected = _fused_output_shape(input, weight, geometry)
+    _check_grad_output(grad_output, expected)
+    channels = expected[1]
+    bn_dtype = input.dtype if bn_weight is None else bn_weight.dtype
+    bias_dtype = input.dtype if bn_bias is None else bn_bias.dtype
+    grads = (
+        _empty_like_layout(input.shape, input),
+        torch.empty_like(weight),
+        input.new_empty((channels,), dtype=bn_dtype),
+        input.new_empty((channels,), dtype=bias_dtype),
+    )
+    return tuple(g if wanted else g.new_empty((0,)) for g, wanted in zip(grads, output_mask))
+
+
+def _pointwise_bn_act_fwd_fake(input, weight, bn_weight, bn_bias, *running_and_options):
+    return _bn_act_fwd_fake(input, weight, ())
+
+
+def _pointwise_bn_act_bwd_fake(grad_output, input, weight, bn_weight, bn_bias, *rest):
+    return _bn_act_bwd_fake(grad_output, input, weight, (), bn_weight, bn_bias, rest[-1])
+
+
+def _depthwise_bn_act_fwd_fake(input, weight, stride, padding, dilation, *bn_and_options):
+    return _bn_act_fwd_fake(input, weight, (stride, padding, dilation))
+
+
+def _depthwise_bn_act_bwd_fake(
+    grad_output, input, weight, stride, padding, dilation, bn_weight, bn_bias, *rest
+):
+    geometry = (stride, padding, dilation)
+    return _bn_act_bwd_fake(grad_output, input, weight, geometry, bn_weight, bn_bias, rest[-1])
+
+
+_FAKES = {
+    "depthwise_conv2d_fwd": _depthwise_conv2d_fwd_fake,
+    "depthwise_conv2d_bwd_input": _depthwise_conv2d_bwd_input_fake,
+    "depthwise_conv2d_bwd_weight": _depthwise_conv2d_bwd_weight_fake,
+    "pointwise_bn_act_fwd": _pointwise_bn_act_fwd_fake,
+    "pointwise_bn_act_bwd": _pointwise_bn_act_bwd_fake,
+    "depthwise_bn_act_fwd": _depthwise_bn_act_fwd_fake,
+    "depthwise_bn_act_bwd": _depthwise_bn_act_bwd_fake,
+}
+
+# ---------------------------------------------------------------------------------------------
+# The ops of each backend
+# ---------------------------------------------------------------------------------------------
+
+# Activation-sized arguments and results keep their strides: the kernels pick their layout.
+_FIXED_LAYOUT = (torch.Tag.needs_fixed_stride_order,)
+
+
+def _define(namespace: str) -> torch.library.Library:
+    """Defines every op with its schema and fake kernel in `namespace` (kernels._C registers the
+    implementations of "depsep" and "depsep_host")."""
+    lib = torch.library.Library(namespace, "DEF")  # noqa: TOR901 (one DEF library per namespace)
+    for name, schema in SCHEMAS.items():
+        lib.define(name + schema, tags=_FIXED_LAYOUT)
+        torch.library.register_fake(f"{namespace}::{name}", _FAKES[name], lib=lib)
+    return lib
+
+
+_LIBRARIES = {"native": _define("depsep")}
+# Each backend's ops by backend name: "native" (kernels._C), "triton" (added by kernels/triton/
+# when Triton is there) and, for the tests only, "host_programs" (host_program_ops()).
+OPS: dict[str, OpSet] = {"native": OpSet.from_namespace("depsep")}
+
+
+def define_triton_op(name: str, implementation) -> None:
+    """Registers a Triton implementation of op `name` as "depsep::triton_<name>" with the op's
+    schema; torch.compile traces into its kernels. The implementation takes the op's signature
+    (set here, so that torch releases that infer a triton_op's schema from the signature infer
+    the same one)."""
+    implementation.__signature__ = inspect.signature(getattr(OpSignatures, name))
+    torch.library.triton_op(
+        f"depsep::triton_{name}",
+        implementation,
+        mutates_args=MUTATED_ARGS.get(name, ()),
+        schema=SCHEMAS[name],
+    )
+
+
+def add_triton_ops() -> None:
+    """Puts the Triton ops, all registered by now, into OPS."""
+    OPS["triton"] = OpSet.from_namespace("depsep", prefix="triton_")
+
+
+def host_program_ops() -> OpSet:
+    """Test-only: the ops that run the CUDA kernels' thread and block programs on the host, for
+    CPU tensors (namespace "depsep_host", defined on the first call), under OPS["host_programs"].
+    The tests run them in every CI run, so the GPU code's index arithmetic, boundary handling,
+    vector accesses, accumulation order and epilogues are executed without a GPU."""
+    if "host_programs" not in OPS:
+        _LIBRARIES["host_programs"] = _define("depsep_host")
+        OPS["host_programs"] = OpSet.from_namespace("depsep_host")
+    return OPS["host_programs"]
+
+
+def has_native_kernel(dispatch_key: str) -> bool:
+    """Whether kernels._C registered the native ops for `dispatch_key` ("CPU", "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        OPS["native"].depthwise_conv2d_fwd.name(), dispatch_key
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _differentiable(function, direct, *args):
+    """`function.apply(*args)` when autograd records (double backward), else `direct(*args[1:])`,
+    the op itself, without a Function's overhead."""
+    if torch.is_grad_enabled():
+        return function.apply(*args)
+    return direct(*args[1:])
+
+
+class DepthwiseConv2d(torch.autograd.Function):
+    """depthwise_conv2d_fwd of an OpSet. The input is saved only when the weight needs a gradient
+    and the weight only when the input does. The backward ops are linear in both arguments, so
+    their own gradients are depthwise ops again: double backward runs the same kernels."""
+
+    @staticmethod
+    def forward(ctx, ops: OpSet, input, weight, bias, stride, padding, dilation):
+        needs_input, needs_weight = ctx.needs_input_grad[1:3]
+        ctx.ops = ops
+        ctx.geometry = (stride, padding, dilation)
+        ctx.input_shape = input.shape
+        ctx.input_format = memory_format(input)
+        ctx.kernel_size = weight.shape[2:]
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        return ops.depthwise_conv2d_fwd(input, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        ops = ctx.ops
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[1:4]
+        grad_input = grad_weight = grad_bias = None
+        # The kernels compute in grad_output's layout; the gradients follow the input's.
+        grad_output = grad_output.contiguous(memory_format=ctx.input_format)
+        if needs_input:
+            grad_input = _differentiable(
+                DepthwiseConv2dInputGrad,
+                ops.depthwise_conv2d_bwd_input,
+                ops,
+                grad_output,
+                weight,
+                ctx.input_shape,
+                *ctx.geometry,
+            )
+        if needs_weight:
+            grad_weight, grad_bias = _differentiable(
+                DepthwiseConv2dWeightGrad,
+                ops.depthwise_conv2d_bwd_weight,
+                ops,
+                grad_output,
+                input,
+                ctx.kernel_size,
+                *ctx.geometry,
+                needs_bias,
+            )
+        elif needs_bias:  # the bias alone needs no input
+            grad_bias = grad_output.sum((0, 2, 3))
+        return None, grad_input, grad_weight, grad_bias if needs_bias else None, None, None, None
+
+
+class DepthwiseConv2dInputGrad(torch.autograd.Function):
+    """depthwise_conv2d_bwd_input, differentiable: grad_input = conv_transpose(grad_output, w),
+    whose adjoints are a forward convolution and a weight gradient with grad_grad_input in the
+    input's place."""
+
+    @staticmethod
+    def forward(ctx, ops: OpSet, grad_output, weight, input_shape, stride, padding, dilation):
+        ctx.ops = ops
+        ctx.geometry = (stride, padding, dilation)
+        ctx.save_for_backward(grad_output, weight)
+        return ops.depthwise_conv2d_bwd_input(
+            grad_output, weight, input_shape, stride, padding, dilation
         )
-        channels = expected[1]
-        grads = (
-            input.new_empty(input.shape).contiguous(memory_format=memory_format(input)),
-            torch.empty_like(weight),
-            input.new_empty(
-                (channels,), dtype=bn_weight.dtype if bn_weight is not None else input.dtype
-            ),
-            input.new_empty(
-                (channels,), dtype=bn_bias.dtype if bn_bias is not None else input.dtype
-            ),
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        grad_output, weight = ctx.saved_tensors
+        ops = ctx.ops
+        needs_grad_output, needs_weight = ctx.needs_input_grad[1:3]
+        d_grad_output = d_weight = None
+        if needs_grad_output:
+            d_grad_output = DepthwiseConv2d.apply(ops, grad_grad_input, weight, None, *ctx.geometry)
+        if needs_weight:
+            d_weight, _ = DepthwiseConv2dWeightGrad.apply(
+                ops, grad_output, grad_grad_input, weight.shape[2:], *ctx.geometry, False
+            )
+        return None, d_grad_output, d_weight, None, None, None, None
+
+
+class DepthwiseConv2dWeightGrad(torch.autograd.Function):
+    """depthwise_conv2d_bwd_weight, differentiable: its adjoints are a forward convolution of the
+    input with grad_grad_weight (+ grad_grad_bias) and an input gradient of it."""
+
+    @staticmethod
+    def forward(
+        ctx, ops: OpSet, grad_output, input, kernel_size, stride, padding, dilation, compute_bias
+    ):
+        ctx.ops = ops
+        ctx.geometry = (stride, padding, dilation)
+        ctx.kernel_size = kernel_size
+        ctx.compute_bias = compute_bias
+        ctx.save_for_backward(grad_output, input)
+        grad_weight, grad_bias = ops.depthwise_conv2d_bwd_weight(
+            grad_output, input, kernel_size, stride, padding, dilation, compute_bias
         )
-        return tuple(g if wanted else g.new_empty((0,)) for g, wanted in zip(grads, output_mask))
+        if not compute_bias:
+            ctx.mark_non_differentiable(grad_bias)
+        return grad_weight, grad_bias
 
-    return fake
+    @staticmethod
+    def backward(ctx, grad_grad_weight, grad_grad_bias):
+        grad_output, input = ctx.saved_tensors
+        ops = ctx.ops
+        needs_grad_output, needs_input = ctx.needs_input_grad[1:3]
+        if grad_grad_weight is None:
+            grad_grad_weight = input.new_zeros(input.shape[1], 1, *ctx.kernel_size)
+        bias = grad_grad_bias if ctx.compute_bias else None
+        d_grad_output = d_input = None
+        if needs_grad_output:
+            d_grad_output = DepthwiseConv2d.apply(ops, input, grad_grad_weight, bias, *ctx.geometry)
+        if needs_input:
+            d_input = DepthwiseConv2dInputGrad.apply(
+                ops, grad_output, grad_grad_weight, input.shape, *ctx.geometry
+            )
+        return None, d_grad_output, d_input, None, None, None, None, None
 
 
-def _register_bn_act_autograd(prefix: str, conv: str) -> None:
-    """Autograd of "depsep::{prefix}{conv}_bn_act_fwd": its backward op computes every gradient
-    from the saved input, weights and per-channel statistics (nothing activation-sized saved
-    but the input). The statistics outputs are not differentiable."""
-    ns = torch.ops.depsep
-    fwd = getattr(ns, f"{prefix}{conv}_bn_act_fwd").default
-    bwd = getattr(ns, f"{prefix}{conv}_bn_act_bwd").default
-    n_geometry = 3 if conv == "depthwise" else 0
+class BnAct(torch.autograd.Function):
+    """A fused convolution + BatchNorm + activation forward op (`fwd`, with its backward op `bwd`
+    of the same OpSet; `geometry` is () for the 1x1 convolution, (stride, padding, dilation) for
+    the depthwise one). Autograd keeps the input, the weights and the [2, C] statistics: the
+    backward op recomputes the convolution, the BN output and the activation mask."""
 
-    def setup_context(ctx, inputs, output):
-        input, weight = inputs[:2]
-        geometry = inputs[2 : 2 + n_geometry]
-        bn_weight, bn_bias, _, _, training, eps, activation = inputs[2 + n_geometry :]
-        _, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.geometry = [list(g) for g in geometry]
-        ctx.options = (training, eps, activation)
-        ctx.save_for_backward(input, weight, bn_weight, bn_bias, mean, var)
-
-    def backward(ctx, grad_output, _grad_mean, _grad_var):
-        input, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:2]) + list(
-            ctx.needs_input_grad[2 + n_geometry : 4 + n_geometry]
-        )
-        grads = bwd(
-            grad_output.contiguous(memory_format=memory_format(input)),
+    @staticmethod
+    def forward(
+        ctx,
+        fwd: OpOverload,
+        bwd: OpOverload,
+        geometry: tuple,
+        input,
+        weight,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training: bool,
+        momentum,
+        eps: float,
+        activation: str,
+    ):
+        out, stats = fwd(
             input,
             weight,
-            *ctx.geometry,
+            *geometry,
             bn_weight,
             bn_bias,
-            mean,
-            var,
-            *ctx.options,
-            mask,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            training,
+            momentum,
+            eps,
+            activation,
+        )
+        ctx.bwd = bwd
+        ctx.geometry = geometry
+        ctx.options = (training, eps, activation)
+        ctx.save_for_backward(input, weight, bn_weight, bn_bias, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bn_weight, bn_bias, stats = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[3:7])
+        grads = ctx.bwd(
+            grad_output, input, weight, *ctx.geometry, bn_weight, bn_bias, stats, *ctx.options, mask
         )
         grads = [g if wanted else None for g, wanted in zip(grads, mask)]
-        return (*grads[:2], *([None] * n_geometry), *grads[2:], None, None, None, None, None)
-
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
-
-
-def register_bn_act_ops(prefix: str, fakes: bool = True, convs=tuple(FUSED_CONVS)) -> None:
-    """Autograd, and the fakes unless triton_op brings its own, of one backend's fused ops,
-    whose schemas exist already."""
-    for conv in convs:
-        if fakes:
-            name = f"depsep::{prefix}{conv}_bn_act"
-            torch.library.register_fake(f"{name}_fwd", _bn_act_fwd_fake(conv))
-            torch.library.register_fake(f"{name}_bwd", _bn_act_bwd_fake(conv))
-        _register_bn_act_autograd(prefix, conv)
-
-
-define_bn_act_ops("")
-register_bn_act_ops("")
-# The CUDA kernels' fused depthwise thread programs run on the host: CPU-only, test-only.
-define_bn_act_ops("_host_programs_", convs=("depthwise",))
-register_bn_act_ops("_host_programs_", convs=("depthwise",))
-
-
-def _load_triton_ops():
-    """Imports the Triton ops (their schemas come from triton_op) and wires their autograd.
-    Returns why not when Triton is missing or broken; the other backends do not need it."""
-    try:
-        from . import triton_depthwise, triton_fused  # noqa: F401
-    except Exception as exc:  # ImportError, or a Triton that fails to initialise
-        return f"Triton is not usable ({type(exc).__name__}: {exc})"
-    _register_depthwise_autograd("triton_")
-    register_bn_act_ops("triton_", fakes=False)
-    return None
-
-
-TRITON_IMPORT_ERROR = _load_triton_ops()
+        return (None, None, None, *grads, None, None, None, None, None, None, None)

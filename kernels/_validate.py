@@ -1,10 +1,13 @@
-"""Input validation for every public op (SPEC §7): one place that turns bad arguments into a
-ValueError or TypeError naming the argument, and normalises the good ones."""
+"""Input validation for every public op: the one place that turns bad arguments into a ValueError
+or TypeError naming the argument (never a crash, a hang or a silently wrong result), and
+normalises the good ones."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ._common import ACTIVATION_CODES, activation_op_name, conv2d_output_hw
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,11 +67,17 @@ class ConvGeometry:
     dilation: tuple[int, int]
     kernel_size: tuple[int, int]
 
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        return conv2d_output_hw(
+            height, width, self.kernel_size, self.stride, self.padding, self.dilation
+        )
+
 
 def depthwise_args(
     op: str, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation
 ) -> ConvGeometry:
-    """Checks a depthwise convolution's arguments against SPEC §2 and §7; returns its geometry."""
+    """Checks a depthwise convolution's arguments (input [N, C, H, W], weight [C, 1, kH, kW],
+    bias [C] or None, F.conv2d's stride, padding and dilation); returns its geometry."""
     check_tensors(op, input=input, weight=weight, bias=bias)
     check_rank(op, "input", input, 4, "[N, C, H, W]")
     check_rank(op, "weight", weight, 4, "[C, 1, kH, kW]")
@@ -120,9 +129,6 @@ def depthwise_args(
                 f"but the padded input {dim} is {size + before + after}"
             )
     return ConvGeometry(stride, pad, dilation, kernel)
-
-
-ACTIVATIONS = {"relu": "relu", "relu6": "relu6", None: "none"}
 
 
 def bn_act_args(
@@ -181,9 +187,11 @@ def bn_act_args(
         not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1
     ):
         raise TypeError(f"{op}: num_batches_tracked must be a one-element tensor or None")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be 'relu', 'relu6' or None, got {activation!r}")
-    return ACTIVATIONS[activation]
+    public_names = [name for name in ACTIVATION_CODES if name != activation_op_name(None)]
+    if activation is not None and not (isinstance(activation, str) and activation in public_names):
+        choices = ", ".join(repr(name) for name in public_names)
+        raise ValueError(f"{op}: activation must be one of {choices} or None, got {activation!r}")
+    return activation_op_name(activation)
 
 
 def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> None:
@@ -206,12 +214,10 @@ def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> None:
         )
 
 
-def batch_values_per_channel(op: str, shape, training: bool) -> int:
-    """The values per channel BN normalises over; like F.batch_norm, training needs more than 1."""
-    values = shape[0] * shape[2] * shape[3]
+def batch_values_per_channel(op: str, values: int, input_shape, training: bool) -> None:
+    """Like F.batch_norm, training needs more than 1 value per channel to normalise over."""
     if training and values == 1:
         raise ValueError(
             f"{op}: Expected more than 1 value per channel when training, got input size "
-            f"{torch.Size(shape)}"
+            f"{torch.Size(input_shape)}"
         )
-    return values

@@ -1,10 +1,9 @@
 """The public functional ops: validate, apply autocast, choose a backend, call its op."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate, reference
+from . import _ops, _validate, reference
 from ._backend import select_backend
 
 
@@ -39,84 +38,74 @@ def depthwise_conv2d(
     Differentiable in input, weight and bias. `backend` is "torch", "native", "triton" or None
     (auto: $DEPSEP_BACKEND, else the fastest available for the device).
     """
-    op = "depthwise_conv2d"
     input, weight, bias = _autocast(input, weight, bias)
-    geometry = _validate.depthwise_args(op, input, weight, bias, stride, padding, dilation)
+    g = _validate.depthwise_args("depthwise_conv2d", input, weight, bias, stride, padding, dilation)
     chosen = select_backend(backend, input.device)
     if chosen == "torch":
-        return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
-    fwd = (
-        torch.ops.depsep.depthwise_conv2d_fwd
-        if chosen == "native"
-        else torch.ops.depsep.triton_depthwise_conv2d_fwd
-    )
-    return fwd(
-        input, weight, bias, list(geometry.stride), list(geometry.padding), list(geometry.dilation)
+        return reference.depthwise_conv(input, weight, bias, stride, padding, dilation)
+    return _ops.DepthwiseConv2d.apply(
+        _ops.OPS[chosen], input, weight, bias, g.stride, g.padding, g.dilation
     )
 
 
-def _momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None, training: bool):
-    """The running-average factor of this step, as nn.BatchNorm2d derives it: counts the batch in
-    num_batches_tracked when training, and momentum=None means a cumulative average."""
-    if training and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            return 1.0 / float(num_batches_tracked)
-    return 0.0 if momentum is None else float(momentum)
-
-
-def _update_running_stats(running_mean, running_var, mean, var, factor: float, count: int):
-    """running = (1 - factor) * running + factor * batch, with the unbiased batch variance."""
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        unbiased = var * (count / (count - 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
-
-
-def _fused(
-    conv: str,
+def _bn_act(
     op: str,
     input: Tensor,
     weight: Tensor,
     geometry: tuple,
+    values_per_channel: int,
     bn: tuple,
+    num_batches_tracked: Tensor | None,
     training: bool,
     momentum,
     eps: float,
     activation,
     backend,
-    num_batches_tracked,
     reference_conv,
 ) -> Tensor:
-    """The shared body of pointwise_bn_act and depthwise_bn_act, past their conv checks."""
+    """The shared body of pointwise_bn_act and depthwise_bn_act, past their conv checks; bn is
+    (running_mean, running_var, bn_weight, bn_bias)."""
     running_mean, running_var, bn_weight, bn_bias = bn
     act = _validate.bn_act_args(
         op, input, weight.shape[0], *bn, training, momentum, eps, activation, num_batches_tracked
     )
+    _validate.batch_values_per_channel(op, values_per_channel, input.shape, training)
     chosen = select_backend(backend, input.device, fused_eval=not training)
-    factor = _momentum_factor(momentum, num_batches_tracked, training)
     if chosen == "torch" or input.numel() == 0:
         # The reference; also for empty input, where F.batch_norm defines what happens.
-        y = reference_conv(input, weight)
-        _validate.batch_values_per_channel(op, y.shape, training)
-        return reference.conv_bn_act(y, *bn, training, factor, eps, act)
-    fwd = getattr(torch.ops.depsep, f"{'' if chosen == 'native' else 'triton_'}{conv}_bn_act_fwd")
-    out, mean, var = fwd(
+        return reference.bn_act(
+            reference_conv(input, weight),
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            num_batches_tracked,
+            training,
+            momentum,
+            eps,
+            act,
+        )
+    ops = _ops.OPS[chosen]
+    if geometry:
+        fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
+    else:
+        fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
+    return _ops.BnAct.apply(
+        fwd,
+        bwd,
+        geometry,
         input,
         weight,
-        *geometry,
         bn_weight,
         bn_bias,
-        None if training else running_mean,
-        None if training else running_var,
+        running_mean,
+        running_var,
+        num_batches_tracked,
         training,
+        momentum,
         float(eps),
         act,
     )
-    count = _validate.batch_values_per_channel(op, out.shape, training)
-    if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, mean, var, factor, count)
-    return out
 
 
 def pointwise_bn_act(
@@ -148,21 +137,20 @@ def pointwise_bn_act(
     op = "pointwise_bn_act"
     input, weight = _autocast(input, weight)
     _validate.pointwise_weight(op, input, weight)
-    bn = (running_mean, running_var, bn_weight, bn_bias)
-    return _fused(
-        "pointwise",
+    return _bn_act(
         op,
         input,
         weight,
         (),
-        bn,
+        input.shape[0] * input.shape[2] * input.shape[3],
+        (running_mean, running_var, bn_weight, bn_bias),
+        num_batches_tracked,
         training,
         momentum,
         eps,
         activation,
         backend,
-        num_batches_tracked,
-        lambda x, w: F.conv2d(x, w),
+        reference.pointwise_conv,
     )
 
 
@@ -190,20 +178,19 @@ def depthwise_bn_act(
     op = "depthwise_bn_act"
     input, weight = _autocast(input, weight)
     g = _validate.depthwise_args(op, input, weight, None, stride, padding, dilation)
-    bn = (running_mean, running_var, bn_weight, bn_bias)
-    geometry = (list(g.stride), list(g.padding), list(g.dilation))
-    return _fused(
-        "depthwise",
+    oh, ow = g.output_hw(input.shape[2], input.shape[3])
+    return _bn_act(
         op,
         input,
         weight,
-        geometry,
-        bn,
+        (g.stride, g.padding, g.dilation),
+        input.shape[0] * oh * ow,
+        (running_mean, running_var, bn_weight, bn_bias),
+        num_batches_tracked,
         training,
         momentum,
         eps,
         activation,
         backend,
-        num_batches_tracked,
-        lambda x, w: reference.depthwise_conv2d(x, w, None, stride, padding, dilation),
+        lambda x, w: reference.depthwise_conv(x, w, None, stride, padding, dilation),
     )

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels.functional import _momentum_factor
+from kernels._common import stats_dtype
+from kernels.reference import momentum_factor
 
 
 def _per_channel(t: Tensor) -> Tensor:
@@ -25,8 +26,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, factor, group):
         # Float32 statistics for float16/bfloat16 input, as the fused ops and cuDNN keep them.
-        stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        x = input.to(stats_dtype)
+        x = input.to(stats_dtype(input.dtype))
         channels = input.shape[1]
         count = input.numel() // channels
         if count > 0:
@@ -93,7 +93,7 @@ def sync_batch_norm(
     eps) with the batch statistics taken over the inputs of every process in `process_group`
     (all of them must call it), and the running statistics updated with them (unbiased over the
     global count). num_batches_tracked and momentum=None as in the fused ops."""
-    factor = _momentum_factor(momentum, num_batches_tracked, True)
+    factor = momentum_factor(momentum, num_batches_tracked)
     return _SyncBatchNorm.apply(
         input, weight, bias, running_mean, running_var, eps, factor, process_group
     )

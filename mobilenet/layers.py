@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels import reference
+from kernels._common import activation_op_name
 
 from ._sync_batch_norm import sync_batch_norm
 
@@ -139,7 +140,7 @@ def conv_bn_act(
             num_batches_tracked=counted,
             process_group=group,
         )
-        return reference.activation(y, activation or "none")
+        return reference.apply_activation(y, activation_op_name(activation))
 
     options = dict(
         training=bn_training,

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 import kernels
+from kernels import _ops
 
 HAS_CUDA = torch.cuda.is_available()
+# The test-only "host_programs" ops: the CUDA kernels' thread and block programs run on the host.
+HOST_PROGRAMS = _ops.host_program_ops()
+
+
+def ops(backend: str) -> _ops.OpSet:
+    """The registered ops of a backend ("native", "triton" or "host_programs")."""
+    return _ops.OPS[backend]
+
 
 # Per-dtype tolerances for comparing a backend with the "torch" reference in the same dtype.
 TOLERANCES = {

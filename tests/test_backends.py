@@ -42,11 +42,16 @@ def test_environment_variable_overrides_auto(monkeypatch):
 
 
 def test_unavailable_backend_names_what_is_missing(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="triton.*TRITON_INTERPRET|Triton"):
-        _backend.select_backend("triton", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="native.*cpu and cuda only"):
-        _backend.select_backend("native", torch.device("meta"))
+    # Availability is computed once per device type: recompute it without the interpreter.
+    monkeypatch.setattr(_backend, "_TRITON_INTERPRET", False)
+    monkeypatch.setitem(_backend._REASONS, "cpu", _backend._compute_reasons("cpu"))
+    try:
+        with pytest.raises(RuntimeError, match="triton.*TRITON_INTERPRET"):
+            _backend.select_backend("triton", torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="native.*cpu and cuda only"):
+            _backend.select_backend("native", torch.device("meta"))
+    finally:
+        _backend._REASONS.pop("meta", None)
 
 
 @pytest.mark.skipif(skip_unless_cuda_build(), reason="torch without CUDA or CPU-only build asked")

@@ -6,7 +6,7 @@ import torch
 
 import kernels
 
-from .common import backend_params
+from .common import backend_params, ops
 
 x = torch.randn(2, 4, 8, 8)
 w = torch.randn(4, 1, 3, 3)
@@ -71,7 +71,7 @@ def test_empty_spatial_output_with_1x1_kernel_and_empty_batch(backend):
 
 def test_direct_op_call_with_bad_geometry_raises_instead_of_crashing():
     """The C++ ops check for themselves: torch.ops users bypass the Python validation."""
-    op = torch.ops.depsep.depthwise_conv2d_fwd
+    op = ops("native").depthwise_conv2d_fwd
     with pytest.raises(RuntimeError, match="stride must be positive"):
         op(x, w, None, [0, 1], [1, 1, 1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="weight must be"):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import _validate, reference
+from kernels import _ops, reference
 
 from .common import (
     HAS_CUDA,
@@ -15,15 +15,8 @@ from .common import (
     backend_params,
     depthwise_cases,
     interpreter_cases,
+    ops,
 )
-
-OPS = {"native": "", "triton": "triton_", "host_programs": "_host_programs_"}
-
-
-def op(backend: str, which: str):
-    """torch.ops.depsep.<prefix>depthwise_conv2d_<which> of a backend; "host_programs" are the
-    CUDA kernels' thread programs run on the host (test-only CPU ops)."""
-    return getattr(torch.ops.depsep, f"{OPS[backend]}depthwise_conv2d_{which}")
 
 
 def pair(value) -> list[int]:
@@ -39,14 +32,10 @@ def depthwise(case: DepthwiseCase, backend: str, x, w, b):
             top, bottom, left, right = case.padding
             x = F.pad(x, (left, right, top, bottom))
         args = {**case.conv_args(), "padding": 0} if four_sided else case.conv_args()
-        return reference.depthwise_conv2d(x, w, b, **args)
-    if four_sided or backend == "host_programs":
-        if four_sided:
-            stride, padding, dilation = pair(case.stride), list(case.padding), pair(case.dilation)
-        else:
-            g = _validate.depthwise_args("test", x, w, b, **case.conv_args())
-            stride, padding, dilation = list(g.stride), list(g.padding), list(g.dilation)
-        return op(backend, "fwd")(x, w, b, stride, padding, dilation)
+        return reference.depthwise_conv(x, w, b, **args)
+    if four_sided:
+        stride, padding, dilation = pair(case.stride), list(case.padding), pair(case.dilation)
+        return _ops.DepthwiseConv2d.apply(ops(backend), x, w, b, stride, padding, dilation)
     return kernels.depthwise_conv2d(x, w, b, **case.conv_args(), backend=backend)
 
 
@@ -126,17 +115,25 @@ def test_misaligned_views_take_the_scalar_programs(backend, dtype):
     x_odd = _misaligned_channels_last(x).requires_grad_()
     x = x.detach().requires_grad_()
     padding = [1, 1, 1, 1]
-    fwd = op(backend, "fwd")
+    fwd = ops(backend).depthwise_conv2d_fwd
     out = fwd(x_odd, w, b, [1, 1], padding, [1, 1])
     want = fwd(x, w, b, [1, 1], padding, [1, 1])
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     grad = _misaligned_channels_last(torch.randn_like(want))
-    bwd_input = op(backend, "bwd_input")(grad, w, list(x.shape), [1, 1], padding, [1, 1])
+    bwd_input = ops(backend).depthwise_conv2d_bwd_input(
+        grad, w, list(x.shape), [1, 1], padding, [1, 1]
+    )
     aligned_grad = grad.clone(memory_format=torch.channels_last)
-    want_input = op(backend, "bwd_input")(aligned_grad, w, list(x.shape), [1, 1], padding, [1, 1])
+    want_input = ops(backend).depthwise_conv2d_bwd_input(
+        aligned_grad, w, list(x.shape), [1, 1], padding, [1, 1]
+    )
     torch.testing.assert_close(bwd_input, want_input, atol=0, rtol=0)
-    bwd_weight = op(backend, "bwd_weight")(grad, x_odd, [3, 3], [1, 1], padding, [1, 1], True)
-    want_weight = op(backend, "bwd_weight")(aligned_grad, x, [3, 3], [1, 1], padding, [1, 1], True)
+    bwd_weight = ops(backend).depthwise_conv2d_bwd_weight(
+        grad, x_odd, [3, 3], [1, 1], padding, [1, 1], True
+    )
+    want_weight = ops(backend).depthwise_conv2d_bwd_weight(
+        aligned_grad, x, [3, 3], [1, 1], padding, [1, 1], True
+    )
     torch.testing.assert_close(bwd_weight, want_weight, **TOLERANCES[dtype])
 
 
@@ -212,10 +209,10 @@ def _opcheck_samples(backend, device):
     geometry = ([2, 2], [1, 0, 2, 1], [1, 1])
     go = torch.randn(2, 8, 3, 4, device=device)
     return [
-        (op(backend, "fwd").default, (x, w, b, *geometry)),
-        (op(backend, "fwd").default, (x.contiguous(), w, None, *geometry)),
-        (op(backend, "bwd_input").default, (go, w, [2, 8, 7, 6], *geometry)),
-        (op(backend, "bwd_weight").default, (go, x.detach(), [3, 3], *geometry, True)),
+        (ops(backend).depthwise_conv2d_fwd, (x, w, b, *geometry)),
+        (ops(backend).depthwise_conv2d_fwd, (x.contiguous(), w, None, *geometry)),
+        (ops(backend).depthwise_conv2d_bwd_input, (go, w, [2, 8, 7, 6], *geometry)),
+        (ops(backend).depthwise_conv2d_bwd_weight, (go, x.detach(), [3, 3], *geometry, True)),
     ]
 
 
@@ -295,7 +292,9 @@ def test_weight_gradient_is_deterministic_across_thread_counts():
         for backend in ("native", "host_programs"):
             for n in (1, max(2, threads)):
                 torch.set_num_threads(n)
-                grads = op(backend, "bwd_weight")(go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True)
+                grads = ops(backend).depthwise_conv2d_bwd_weight(
+                    go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True
+                )
                 results.append((backend, grads))
     finally:
         torch.set_num_threads(threads)
@@ -328,7 +327,10 @@ def test_weight_gradient_is_deterministic(backend, device, layout):
     x, _, _ = case.make(device, dtype)
     go = torch.randn_like(x)
     args = (go, x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], True)
-    first, second = op(backend, "bwd_weight")(*args), op(backend, "bwd_weight")(*args)
+    first, second = (
+        ops(backend).depthwise_conv2d_bwd_weight(*args),
+        ops(backend).depthwise_conv2d_bwd_weight(*args),
+    )
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import _validate, functional
 
-from .common import HAS_CUDA, TOLERANCES, backend_param, skip_unless_cuda_build
+from .common import HAS_CUDA, TOLERANCES, backend_param, ops, skip_unless_cuda_build
 
 FUNCTIONS = {"pointwise": kernels.pointwise_bn_act, "depthwise": kernels.depthwise_bn_act}
 
@@ -121,7 +120,7 @@ def run_steps(case, backend, tensors, training, activation="relu", steps=2, mome
     x, w, bn_w, bn_b, rm, rv = (None if t is None else t.detach().clone() for t in tensors)
     x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else x
     params = [t.requires_grad_() for t in (x, w, bn_w, bn_b) if t is not None]
-    fn = host_programs_depthwise_bn_act if backend == "host_programs" else FUNCTIONS[case.conv]
+    fn = FUNCTIONS[case.conv]
     for _ in range(steps):
         out = fn(
             x,
@@ -139,23 +138,6 @@ def run_steps(case, backend, tensors, training, activation="relu", steps=2, mome
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     grads = torch.autograd.grad(out, params, grad_out)
     return out, rm, rv, grads
-
-
-def host_programs_depthwise_bn_act(
-    x, w, rm, rv, bn_w, bn_b, *, training, momentum, activation, backend, stride, padding
-):
-    """depthwise_bn_act through the test-only op that runs the CUDA kernels' fused thread
-    programs (BN statistics pass, forward with the BN epilogue) on the host."""
-    g = _validate.depthwise_args("test", x, w, None, stride, padding, 1)
-    geometry = (list(g.stride), list(g.padding), list(g.dilation))
-    running = (None, None) if training else (rm, rv)
-    out, mean, var = torch.ops.depsep._host_programs_depthwise_bn_act_fwd(
-        x, w, *geometry, bn_w, bn_b, *running, training, 1e-5, activation or "none"
-    )
-    if training:
-        count = out.shape[0] * out.shape[2] * out.shape[3]
-        functional._update_running_stats(rm, rv, mean, var, momentum, count)
-    return out
 
 
 def assert_matches_reference(case, backend, device, dtype, training, activation, affine=True):
@@ -362,24 +344,30 @@ def test_autograd_saves_no_activation(backend, device, conv, training):
     assert x.grad is not None and all(p.grad is not None for p in params)
 
 
-def _opcheck_samples(device):
+def _opcheck_samples(backend, device):
     for conv, training in itertools.product(("pointwise", "depthwise"), (True, False)):
         case = FusedCase(conv, 2, 4, 4 if conv == "depthwise" else 6, 5, 5, "channels_last")
         x, w, bn_w, bn_b, rm, rv = case.make(device)
-        geometry = [] if conv == "pointwise" else [[1, 1], [1, 1, 1, 1], [1, 1]]
-        running = [None, None] if training else [rm, rv]
-        fwd = getattr(torch.ops.depsep, f"{conv}_bn_act_fwd").default
-        yield fwd, (x.requires_grad_(), w, *geometry, bn_w, bn_b, *running, training, 1e-5, "relu")
-        out, mean, var = fwd(x, w, *geometry, bn_w, bn_b, *running, training, 1e-5, "relu")
-        bwd = getattr(torch.ops.depsep, f"{conv}_bn_act_bwd").default
-        args = (torch.randn_like(out), x.detach(), w, *geometry, bn_w, bn_b, mean, var)
+        nbt = torch.zeros((), dtype=torch.long, device=device)
+        if conv == "pointwise":
+            fwd, bwd = ops(backend).pointwise_bn_act_fwd, ops(backend).pointwise_bn_act_bwd
+            geometry = []
+        else:
+            fwd, bwd = ops(backend).depthwise_bn_act_fwd, ops(backend).depthwise_bn_act_bwd
+            geometry = [[1, 1], [1, 1, 1, 1], [1, 1]]
+        bn = (bn_w, bn_b, rm, rv, nbt)
+        yield fwd, (x, w, *geometry, *bn, training, 0.1, 1e-5, "relu")
+        if training:
+            yield fwd, (x, w, *geometry, *bn, training, None, 1e-5, "relu6")
+        out, stats = fwd(x, w, *geometry, *bn, training, 0.1, 1e-5, "relu")
+        args = (torch.randn_like(out), x, w, *geometry, bn_w, bn_b, stats)
         yield bwd, (*args, training, 1e-5, "relu6", [True, True, True, True])
         yield bwd, (*args, training, 1e-5, "none", [False, True, False, True])
 
 
 @pytest.mark.parametrize("backend, device", [NATIVE_CPU, backend_param("native", "cuda")])
 def test_opcheck(backend, device):
-    for operator, args in _opcheck_samples(device):
+    for operator, args in _opcheck_samples(backend, device):
         torch.library.opcheck(operator, args)
 
 

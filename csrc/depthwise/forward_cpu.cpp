@@ -1,12 +1,15 @@
 // CPU kernels of depsep::depthwise_conv2d_fwd: the vectorised CPU loops (float, double) or the
-// thread programs (float16, bfloat16); and depsep::_host_programs_depthwise_conv2d_fwd, which runs
-// the CUDA kernels' thread programs on the host for every dtype so that tests execute them.
+// thread programs (float16, bfloat16); and the test-only depsep_host::depthwise_conv2d_fwd, which
+// runs the CUDA kernels' thread programs on the host for every dtype so that tests execute them.
 #include <torch/library.h>
 
 #include "depthwise/depthwise_cpu.h"
 
 TORCH_LIBRARY_IMPL(depsep, CPU, m) {
   m.impl("depthwise_conv2d_fwd", &depsep::depthwise_conv2d_fwd<depsep::CpuLoopsCompute>);
-  m.impl("_host_programs_depthwise_conv2d_fwd",
+}
+
+TORCH_LIBRARY_IMPL(depsep_host, CPU, m) {
+  m.impl("depthwise_conv2d_fwd",
          &depsep::depthwise_conv2d_fwd<depsep::ProgramCompute<depsep::CpuLauncher>>);
 }

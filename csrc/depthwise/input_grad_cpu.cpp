@@ -1,7 +1,7 @@
 // CPU kernels of depsep::depthwise_conv2d_bwd_input: the vectorised CPU loops (float, double) or
-// the thread programs (float16, bfloat16); and depsep::_host_programs_depthwise_conv2d_bwd_input,
-// which runs the CUDA kernels' thread programs on the host for every dtype so that tests execute
-// them.
+// the thread programs (float16, bfloat16); and the test-only
+// depsep_host::depthwise_conv2d_bwd_input, which runs the CUDA kernels' thread programs on the host
+// for every dtype so that tests execute them.
 #include <torch/library.h>
 
 #include "depthwise/depthwise_cpu.h"
@@ -9,6 +9,9 @@
 TORCH_LIBRARY_IMPL(depsep, CPU, m) {
   m.impl("depthwise_conv2d_bwd_input",
          &depsep::depthwise_conv2d_bwd_input<depsep::CpuLoopsCompute>);
-  m.impl("_host_programs_depthwise_conv2d_bwd_input",
+}
+
+TORCH_LIBRARY_IMPL(depsep_host, CPU, m) {
+  m.impl("depthwise_conv2d_bwd_input",
          &depsep::depthwise_conv2d_bwd_input<depsep::ProgramCompute<depsep::CpuLauncher>>);
 }

@@ -1,7 +1,7 @@
 // CPU kernels of the native fused ops: ATen's GEMM (pointwise) or the depthwise CPU loops for
-// the convolution, the BN thread programs on the host for the rest; and
-// depsep::_host_programs_depthwise_bn_act_*, which run the CUDA kernels' fused thread programs
-// on the host so that tests execute them.
+// the convolution, the BN thread programs on the host for the rest; and the test-only
+// depsep_host::depthwise_bn_act_*, which run the CUDA kernels' fused thread programs on the host
+// so that tests execute them.
 #include <torch/library.h>
 
 #include "common/cpu_launcher.h"
@@ -11,14 +11,16 @@
 TORCH_LIBRARY_IMPL(depsep, CPU, m) {
   using depsep::CpuLauncher;
   using Loops = depsep::DepthwiseConv<depsep::CpuLoopsCompute>;
-  using Programs = depsep::DepthwiseFusedConv<CpuLauncher>;
   using Gemm = depsep::PointwiseConv;
   m.impl("pointwise_bn_act_fwd", &depsep::pointwise_bn_act_fwd<CpuLauncher, Gemm>);
   m.impl("pointwise_bn_act_bwd", &depsep::pointwise_bn_act_bwd<CpuLauncher, Gemm>);
   m.impl("depthwise_bn_act_fwd", &depsep::depthwise_bn_act_fwd<CpuLauncher, Loops>);
   m.impl("depthwise_bn_act_bwd", &depsep::depthwise_bn_act_bwd<CpuLauncher, Loops>);
-  m.impl("_host_programs_depthwise_bn_act_fwd",
-         &depsep::depthwise_bn_act_fwd<CpuLauncher, Programs>);
-  m.impl("_host_programs_depthwise_bn_act_bwd",
-         &depsep::depthwise_bn_act_bwd<CpuLauncher, Programs>);
+}
+
+TORCH_LIBRARY_IMPL(depsep_host, CPU, m) {
+  using depsep::CpuLauncher;
+  using Programs = depsep::DepthwiseFusedConv<CpuLauncher>;
+  m.impl("depthwise_bn_act_fwd", &depsep::depthwise_bn_act_fwd<CpuLauncher, Programs>);
+  m.impl("depthwise_bn_act_bwd", &depsep::depthwise_bn_act_bwd<CpuLauncher, Programs>);
 }

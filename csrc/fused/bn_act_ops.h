@@ -63,17 +63,22 @@ inline BnView bn_view(const at::Tensor& y) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), cl};
 }
 
-// The per-channel vectors of one BN: the mean and biased variance (the batch's, reduced from
-// partial moments, in training; a copy of the running ones in eval) and the scale and shift
-// that fold BN into one multiply-add.
+// The per-channel vectors of one BN: `stats` [2, C] holds the mean and biased variance (the
+// batch's, reduced from partial moments, in training; a copy of the running ones in eval) that
+// the op returns; scale and shift fold BN into one multiply-add.
 struct BnVectors {
-  at::Tensor mean, var, scale, shift;
+  at::Tensor stats, mean, var, scale, shift;
 
   BnVectors(int64_t C, const at::Tensor& like, bool training, const at::Tensor& running_mean,
             const at::Tensor& running_var) {
     const auto options = like.options().dtype(bn_acc_type(like.scalar_type()));
-    mean = training ? at::empty({C}, options) : running_mean.clone();
-    var = training ? at::empty({C}, options) : running_var.clone();
+    stats = at::empty({2, C}, options);
+    mean = stats[0];
+    var = stats[1];
+    if (!training) {
+      mean.copy_(running_mean);
+      var.copy_(running_var);
+    }
     scale = at::empty({C}, options);
     shift = at::empty({C}, options);
   }
@@ -83,6 +88,43 @@ struct BnVectors {
     return {mean.const_data_ptr<Acc>(), scale.const_data_ptr<Acc>(), shift.const_data_ptr<Acc>()};
   }
 };
+
+// The running-statistics step of a training call, on the tensors' device: num_batches_tracked
+// (if given) counts the batch, then each channel's running mean and variance move towards the
+// batch's (unbiased variance over `count` values) by `momentum`, or by 1 / num_batches_tracked
+// when momentum is None.
+template <typename Launcher>
+void bn_update_running_stats(const at::Tensor& stats, const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var,
+                             const std::optional<at::Tensor>& num_batches_tracked,
+                             std::optional<double> momentum, int64_t count) {
+  const bool counted = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (counted) num_batches_tracked->add_(1);
+  if (!running_mean.has_value() || !running_mean->defined()) return;
+  const at::Tensor& rm = *running_mean;
+  const at::Tensor& rv = *running_var;
+  TORCH_CHECK(rm.is_contiguous() && rv.is_contiguous() && rm.scalar_type() == rv.scalar_type(),
+              "depsep: running_mean and running_var must be contiguous and of one dtype");
+  TORCH_CHECK(momentum.has_value() || counted,
+              "depsep: momentum=None (a cumulative average) needs num_batches_tracked");
+  TORCH_CHECK(!counted || num_batches_tracked->scalar_type() == at::kLong,
+              "depsep: num_batches_tracked must be an int64 tensor");
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "bn_running_stats", [&] {
+    using Acc = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "bn_running", [&] {
+      using R = BnRunningStatsProgram<Acc, scalar_t>;
+      typename R::Args args{
+          stats.const_data_ptr<Acc>(),
+          rm.mutable_data_ptr<scalar_t>(),
+          rv.mutable_data_ptr<scalar_t>(),
+          momentum.has_value() ? nullptr : num_batches_tracked->const_data_ptr<int64_t>(),
+          static_cast<Acc>(momentum.value_or(0.0)),
+          static_cast<Acc>(count) / static_cast<Acc>(count - 1),
+          stats.size(1)};
+      Launcher::template launch<R>(args, R::num_threads(args));
+    });
+  });
+}
 
 // Merges `partial` ([chunks, 3, C] moments, in order; chunks may be 0 in eval) into v.mean and
 // v.var, then derives v.scale and v.shift.
@@ -108,12 +150,10 @@ void bn_reduce(BnVectors& v, const at::Tensor& partial, const at::Tensor& gamma,
 
 template <typename Launcher>
 struct BnActPasses {
-  // Leaves act(BN(y)) in y; returns the mean and biased variance it normalised with.
-  static std::tuple<at::Tensor, at::Tensor> forward(at::Tensor& y, const at::Tensor& gamma,
-                                                    const at::Tensor& beta,
-                                                    const at::Tensor& running_mean,
-                                                    const at::Tensor& running_var, bool training,
-                                                    double eps, int32_t act) {
+  // Leaves act(BN(y)) in y; returns the [2, C] mean and biased variance it normalised with.
+  static at::Tensor forward(at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta,
+                            const at::Tensor& running_mean, const at::Tensor& running_var,
+                            bool training, double eps, int32_t act) {
     const BnView v = bn_view(y);
     BnVectors bn(v.C, y, training, running_mean, running_var);
     const int64_t positions = v.N * v.S;
@@ -142,7 +182,7 @@ struct BnActPasses {
         Launcher::template launch<A>(apply, A::num_threads(apply));
       });
     });
-    return {bn.mean, bn.var};
+    return bn.stats;
   }
 
   // Turns y into g_y (the gradient at the convolution output) in place; returns the gradients
@@ -312,7 +352,7 @@ struct DepthwiseConv {
 };
 
 // The depthwise convolution with BatchNorm and the activation inside its thread programs
-// (the CUDA kernels; on the host, the test-only "_host_programs_" ops). Training: a statistics
+// (the CUDA kernels; on the host, the test-only depsep_host ops). Training: a statistics
 // pass that recomputes the convolution and writes nothing (reads x), then the forward with the
 // act(scale * y + shift) epilogue (reads x, writes out): 2 reads of the input + 1 write, where
 // writing y and reading it back would add 2 passes over the output. Eval: the epilogue pass
@@ -322,10 +362,12 @@ struct DepthwiseFusedConv : DepthwiseConv<ProgramCompute<Launcher>> {
   using DepthwiseConv<ProgramCompute<Launcher>>::DepthwiseConv;
   static constexpr bool kFusesBn = true;
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_bn_act(
-      const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gamma,
-      const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var,
-      bool training, double eps, int32_t act) const {
+  std::tuple<at::Tensor, at::Tensor> forward_bn_act(const at::Tensor& input,
+                                                    const at::Tensor& weight,
+                                                    const at::Tensor& gamma, const at::Tensor& beta,
+                                                    const at::Tensor& running_mean,
+                                                    const at::Tensor& running_var, bool training,
+                                                    double eps, int32_t act) const {
     const DwGeometry g = dw_geometry(input.sizes(), {weight.size(-2), weight.size(-1)},
                                      this->stride, this->padding, this->dilation);
     dw_check_weight(weight, input, g.C);
@@ -363,28 +405,18 @@ struct DepthwiseFusedConv : DepthwiseConv<ProgramCompute<Launcher>> {
         Launcher::template launch<P>(args, P::num_threads(g));
       });
     });
-    return {out, bn.mean, bn.var};
+    return {out, bn.stats};
   }
 };
 
+// The conv's forward with BN and the activation: (out, [2, C] statistics it normalised with).
 template <typename Launcher, typename Conv>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
-    const Conv& conv, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    bool training, double eps, c10::string_view activation) {
-  const int32_t act = bn_parse_activation(activation);
-  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "depsep: input and weight must be 4-D");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
-              "depsep: weight must match the input's dtype and device");
-  const typename Launcher::DeviceGuard guard(input.device());
-  const int64_t C = Conv::kFusesBn ? input.size(1) : weight.size(0);
-  const at::Tensor rm = bn_channel_vector(running_mean, "running_mean", C, input);
-  const at::Tensor rv = bn_channel_vector(running_var, "running_var", C, input);
-  TORCH_CHECK(training || (rm.defined() && rv.defined()),
-              "depsep: running_mean and running_var are required when training=False");
-  const at::Tensor gamma = bn_channel_vector(bn_weight, "bn_weight", C, input);
-  const at::Tensor beta = bn_channel_vector(bn_bias, "bn_bias", C, input);
+std::tuple<at::Tensor, at::Tensor> bn_act_conv_forward(const Conv& conv, const at::Tensor& input,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& gamma,
+                                                       const at::Tensor& beta, const at::Tensor& rm,
+                                                       const at::Tensor& rv, bool training,
+                                                       double eps, int32_t act) {
   if constexpr (Conv::kFusesBn) {
     return conv.forward_bn_act(input, weight, gamma, beta, rm, rv, training, eps, act);
   } else if (!training &&
@@ -392,6 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
     // Eval: BN folded into the convolution (weight * scale, bias = shift), then the activation
     // in place: one pass of the convolution and one of the activation (ATen's vectorised
     // kernels), none of BN.
+    const int64_t C = weight.size(0);
     BnVectors bn(C, input, false, rm, rv);
     bn_reduce<Launcher>(bn, at::empty({0, 3, C}, bn.mean.options()), gamma, beta, eps);
     const at::Tensor scale = bn.scale.to(input.scalar_type());
@@ -402,23 +435,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
       y.relu_();
     else if (act == kActRelu6)
       y.clamp_(0, 6);
-    return {y, bn.mean, bn.var};
+    return {y, bn.stats};
   } else {
     at::Tensor y = conv.forward(input, weight);
     TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
-    auto [mean, var] = BnActPasses<Launcher>::forward(y, gamma, beta, rm, rv, training, eps, act);
-    return {y, mean, var};
+    at::Tensor stats = BnActPasses<Launcher>::forward(y, gamma, beta, rm, rv, training, eps, act);
+    return {y, stats};
   }
+}
+
+template <typename Launcher, typename Conv>
+std::tuple<at::Tensor, at::Tensor> bn_act_fwd(
+    const Conv& conv, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, c10::string_view activation) {
+  const int32_t act = bn_parse_activation(activation);
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "depsep: input and weight must be 4-D");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
+              "depsep: weight must match the input's dtype and device");
+  const typename Launcher::DeviceGuard guard(input.device());
+  // BN normalises the convolution's output channels: weight is [C_out, C_in, 1, 1] or [C, 1, kH,
+  // kW], so its first dimension is their count for both convolutions.
+  const int64_t C = weight.size(0);
+  const at::Tensor rm = bn_channel_vector(running_mean, "running_mean", C, input);
+  const at::Tensor rv = bn_channel_vector(running_var, "running_var", C, input);
+  TORCH_CHECK(training || (rm.defined() && rv.defined()),
+              "depsep: running_mean and running_var are required when training=False");
+  TORCH_CHECK(rm.defined() == rv.defined(),
+              "depsep: running_mean and running_var must be both given or both None");
+  const at::Tensor gamma = bn_channel_vector(bn_weight, "bn_weight", C, input);
+  const at::Tensor beta = bn_channel_vector(bn_bias, "bn_bias", C, input);
+  auto [out, stats] =
+      bn_act_conv_forward<Launcher>(conv, input, weight, gamma, beta, rm, rv, training, eps, act);
+  if (training)
+    bn_update_running_stats<Launcher>(stats, running_mean, running_var, num_batches_tracked,
+                                      momentum, out.numel() / C);
+  return {out, stats};
 }
 
 template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
     const Conv& conv, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& var,
-    bool training, double eps, c10::string_view activation, std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& stats, bool training, double eps,
+    c10::string_view activation, const c10::List<bool>& output_mask) {
   const int32_t act = bn_parse_activation(activation);
+  TORCH_CHECK(output_mask.size() == 4, "depsep: output_mask must have 4 values");
   const typename Launcher::DeviceGuard guard(input.device());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == weight.size(0),
+              "depsep: stats must be [2, ", weight.size(0), "], got ", stats.sizes());
   at::Tensor y = conv.forward(input, weight);
   const int64_t C = y.size(1);
   TORCH_CHECK(grad_output.sizes() == y.sizes() && grad_output.scalar_type() == y.scalar_type(),
@@ -427,8 +494,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   const at::Tensor gamma = bn_channel_vector(bn_weight, "bn_weight", C, input);
   auto [grad_gamma, grad_beta] = BnActPasses<Launcher>::backward(
       y, grad_output.contiguous(y.suggest_memory_format()), gamma,
-      bn_channel_vector(bn_bias, "bn_bias", C, input), bn_channel_vector(mean, "mean", C, input),
-      bn_channel_vector(var, "var", C, input), training, eps, act);
+      bn_channel_vector(bn_bias, "bn_bias", C, input),
+      bn_channel_vector(stats[0], "mean", C, input), bn_channel_vector(stats[1], "var", C, input),
+      training, eps, act);
   at::Tensor grad_input, grad_weight;
   conv.backward(y, input, weight, output_mask[0], output_mask[1], grad_input, grad_weight);
   const auto empty = [&](at::ScalarType t) { return at::empty({0}, input.options().dtype(t)); };
@@ -445,37 +513,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
 
 // The registered ops: the schemas' argument order (kernels/_ops.py), one conv policy each.
 template <typename Launcher, typename Conv>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_bn_act_fwd(
+std::tuple<at::Tensor, at::Tensor> pointwise_bn_act_fwd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps,
-    c10::string_view activation) {
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, c10::string_view activation) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1) && weight.size(2) == 1 &&
                   weight.size(3) == 1,
               "depsep: weight must be [C_out, ", input.size(1), ", 1, 1], got ", weight.sizes());
   return bn_act_fwd<Launcher>(Conv{}, input, weight, bn_weight, bn_bias, running_mean, running_var,
-                              training, eps, activation);
+                              num_batches_tracked, training, momentum, eps, activation);
 }
 
 template <typename Launcher, typename Conv>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_bn_act_bwd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
-    c10::string_view activation, std::array<bool, 4> output_mask) {
-  return bn_act_bwd<Launcher>(Conv{}, grad_output, input, weight, bn_weight, bn_bias, mean, var,
+    const at::Tensor& stats, bool training, double eps, c10::string_view activation,
+    const c10::List<bool>& output_mask) {
+  return bn_act_bwd<Launcher>(Conv{}, grad_output, input, weight, bn_weight, bn_bias, stats,
                               training, eps, activation, output_mask);
 }
 
 template <typename Launcher, typename Conv>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_bn_act_fwd(
+std::tuple<at::Tensor, at::Tensor> depthwise_bn_act_fwd(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps,
-    c10::string_view activation) {
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, c10::string_view activation) {
   return bn_act_fwd<Launcher>(Conv(stride, padding, dilation), input, weight, bn_weight, bn_bias,
-                              running_mean, running_var, training, eps, activation);
+                              running_mean, running_var, num_batches_tracked, training, momentum,
+                              eps, activation);
 }
 
 template <typename Launcher, typename Conv>
@@ -483,11 +554,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_bn_act_bwd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
-    c10::string_view activation, std::array<bool, 4> output_mask) {
+    const at::Tensor& stats, bool training, double eps, c10::string_view activation,
+    const c10::List<bool>& output_mask) {
   return bn_act_bwd<Launcher>(Conv(stride, padding, dilation), grad_output, input, weight,
-                              bn_weight, bn_bias, mean, var, training, eps, activation,
-                              output_mask);
+                              bn_weight, bn_bias, stats, training, eps, activation, output_mask);
 }
 
 }  // namespace depsep

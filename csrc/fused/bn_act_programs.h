@@ -170,6 +170,38 @@ struct BnStatsReduceProgram {
   }
 };
 
+template <typename Acc, typename R>
+struct BnRunningStatsArgs {
+  const Acc* stats;                    // [2][C]: the batch mean and biased variance
+  R* running_mean;                     // [C]
+  R* running_var;                      // [C]
+  const int64_t* num_batches_tracked;  // counted already; nullptr when momentum is set
+  Acc momentum;
+  Acc unbias;  // count / (count - 1): the unbiased variance's factor
+  int64_t C;
+};
+
+// The running statistics' step, one thread per channel, as F.batch_norm computes it:
+// running = (1 - factor) * running + factor * batch, with factor = momentum, or 1 /
+// num_batches_tracked (a cumulative average) when num_batches_tracked is given.
+template <typename Acc, typename R>
+struct BnRunningStatsProgram {
+  using Args = BnRunningStatsArgs<Acc, R>;
+
+  static int64_t num_threads(const Args& a) { return a.C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t c) {
+    const Acc factor = a.num_batches_tracked != nullptr
+                           ? Acc(1) / static_cast<Acc>(*a.num_batches_tracked)
+                           : a.momentum;
+    const Acc keep = Acc(1) - factor;
+    a.running_mean[c] =
+        static_cast<R>(factor * a.stats[c] + keep * static_cast<Acc>(a.running_mean[c]));
+    a.running_var[c] = static_cast<R>(factor * a.stats[a.C + c] * a.unbias +
+                                      keep * static_cast<Acc>(a.running_var[c]));
+  }
+};
+
 template <typename T, typename Acc>
 struct BnApplyArgs {
   T* y;  // in: the convolution output; out: act(scale * y + shift)

@@ -254,7 +254,7 @@ void launch_pointwise_gemm(const PwGemmArgs<T>& a, bool stats) {
 struct PointwiseFusedConv : PointwiseConv {
   static constexpr bool kFusesBn = true;
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_bn_act(
+  std::tuple<at::Tensor, at::Tensor> forward_bn_act(
       const at::Tensor& input, const at::Tensor& weight, const at::Tensor& gamma,
       const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var,
       bool training, double eps, int32_t act) const {
@@ -264,9 +264,9 @@ struct PointwiseFusedConv : PointwiseConv {
     if (!tensor_cores || !channels_last(input)) {
       at::Tensor y = forward(input, weight);
       TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
-      auto [mean, var] = BnActPasses<CudaLauncher>::forward(y, gamma, beta, running_mean,
+      at::Tensor stats = BnActPasses<CudaLauncher>::forward(y, gamma, beta, running_mean,
                                                             running_var, training, eps, act);
-      return {y, mean, var};
+      return {y, stats};
     }
     const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor w = weight.reshape({weight.size(0), weight.size(1)}).contiguous();
@@ -305,7 +305,7 @@ struct PointwiseFusedConv : PointwiseConv {
       run(c10::BFloat16());
     else
       run(float());
-    return {out, bn.mean, bn.var};
+    return {out, bn.stats};
   }
 };
 

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._layout import memory_format as suggest_memory_format
+from .._common import conv2d_output_hw, stats_dtype
+from .._common import memory_format as suggest_memory_format
 
 # Under the interpreter every program instance costs ~25 ms: one fixed config, no benchmarking.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -574,7 +575,7 @@ def _wgrad_sums(
     """[C, taps] sums over all output pixels of grad_output * shifted input (last tap: bias)."""
     N, C, H, W = input.shape
     OH, OW = grad_output.shape[-2:]
-    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc_dtype = stats_dtype(input.dtype)
     if N * OH * OW == 0 or C == 0:
         return torch.zeros((C, taps), device=input.device, dtype=acc_dtype)
     _check_planes_fit_int32(input.shape, grad_output.shape)
@@ -632,7 +633,6 @@ def _wgrad_sums(
     return partial.sum(0)
 
 
-@torch.library.triton_op("depsep::triton_depthwise_conv2d_fwd", mutates_args={})
 def depthwise_conv2d_fwd(
     input: Tensor,
     weight: Tensor,
@@ -644,8 +644,7 @@ def depthwise_conv2d_fwd(
     """Depthwise conv2d: input [N, C, H, W], weight [C, 1, kH, kW], padding [t, b, l, r]."""
     N, C, H, W = input.shape
     kh, kw = weight.shape[-2:]
-    oh = (H + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (W + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = conv2d_output_hw(H, W, (kh, kw), stride, padding, dilation)
     fmt = suggest_memory_format(input)
     out = torch.empty((N, C, oh, ow), device=input.device, dtype=input.dtype, memory_format=fmt)
     _launch_gather(
@@ -662,7 +661,6 @@ def depthwise_conv2d_fwd(
     return out
 
 
-@torch.library.triton_op("depsep::triton_depthwise_conv2d_bwd_input", mutates_args={})
 def depthwise_conv2d_bwd_input(
     grad_output: Tensor,
     weight: Tensor,
@@ -690,7 +688,6 @@ def depthwise_conv2d_bwd_input(
     return grad_input
 
 
-@torch.library.triton_op("depsep::triton_depthwise_conv2d_bwd_weight", mutates_args={})
 def depthwise_conv2d_bwd_weight(
     grad_output: Tensor,
     input: Tensor,

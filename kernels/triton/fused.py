@@ -20,7 +20,8 @@ a launch config gives bitwise-identical results run to run (autotuning may pick 
 in another process; DEPSEP_TRITON_AUTOTUNE=0 pins the first).
 
 The 1x1 convolution is a tensor-core GEMM (tl.dot; float16/bfloat16 operands, float32 accumulate;
-float32 in TF32 when torch.backends.cudnn.allow_tf32, as cuDNN does, else IEEE; float64 IEEE).
+float32 in TF32 when convolutions may use TF32, as cuDNN decides (kernels._common.conv_allows_tf32),
+else IEEE; float64 IEEE).
 channels_last is one [M = N*H*W, Cin] x [Cin, Cout] product, NCHW one [HW, Cin] x [Cin, Cout]
 product per image (x read along HW): the kernel addresses both by strides. The depthwise
 convolution is the tap gather of triton_depthwise.py (its NCHW-plane and channels_last kernels).
@@ -49,15 +50,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._layout import memory_format
-from ._ops import stats_dtype
-from .triton_depthwise import (
+from .._common import (
+    ACTIVATION_CODES,
+    conv2d_output_hw,
+    conv_allows_tf32,
+    memory_format,
+    stats_dtype,
+)
+from .depthwise import (
     _INTERPRET,
     _check_planes_fit_int32,
     _configs,
     _gather_nhwc_taps,
     _gather_plane_taps,
     _split_pixel,
+    depthwise_conv2d_bwd_input,
+    depthwise_conv2d_bwd_weight,
 )
 
 # Epilogues (constexpr EPILOGUE) and activations (constexpr ACT) of the kernels.
@@ -66,10 +74,9 @@ _APPLY = tl.constexpr(1)
 _STATS = tl.constexpr(2)
 _GRAD_STATS = tl.constexpr(3)
 _GRAD = tl.constexpr(4)
-_NONE = tl.constexpr(0)
-_RELU = tl.constexpr(1)
-_RELU6 = tl.constexpr(2)
-_ACTIVATION_CODES = {"none": _NONE.value, "relu": _RELU.value, "relu6": _RELU6.value}
+_NONE = tl.constexpr(ACTIVATION_CODES["none"])
+_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_RELU6 = tl.constexpr(ACTIVATION_CODES["relu6"])
 
 # Rows of the per-channel coefficient table `coef` [rows, C] the epilogues read.
 _SCALE, _SHIFT, _INVSTD, _MEAN, _MEAN_GZ, _MEAN_GZ_XHAT = map(tl.constexpr, range(6))
@@ -576,7 +583,7 @@ def _store_conv_output(x_bytes: int, y_bytes: int, conv_flops: int, dtype: torch
     convolution pass, max(its bytes, its flops / ridge), against the 2y of storing."""
     if dtype in (torch.float16, torch.bfloat16):
         ridge = _RIDGE_TENSOR_CORE_16BIT
-    elif dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    elif dtype == torch.float32 and conv_allows_tf32():
         ridge = _RIDGE_TF32
     else:
         ridge = _RIDGE_CUDA_CORES
@@ -586,7 +593,7 @@ def _store_conv_output(x_bytes: int, y_bytes: int, conv_flops: int, dtype: torch
 def _ieee(dtype: torch.dtype) -> bool:
     """IEEE float32 products unless TF32 is allowed for convolutions (as cuDNN's default)."""
     return dtype == torch.float64 or (
-        dtype == torch.float32 and (_INTERPRET or not torch.backends.cudnn.allow_tf32)
+        dtype == torch.float32 and (_INTERPRET or not conv_allows_tf32())
     )
 
 
@@ -691,7 +698,7 @@ class _PointwiseConv(_FusedConv):
             CHANNELS_LAST=self.channels_last,
             EPILOGUE=epilogue,
             STORE_Y=store_y,
-            ACT=_ACTIVATION_CODES[act],
+            ACT=ACTIVATION_CODES[act],
             IEEE=self.ieee,
             BLOCK_M=self.block,
         )
@@ -750,8 +757,7 @@ class _DepthwiseConv(_FusedConv):
         self.geometry = (list(stride), list(padding), list(dilation))
         n, c, h, w = self.x.shape
         kh, kw = weight.shape[2:]
-        oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        oh, ow = conv2d_output_hw(h, w, (kh, kw), stride, padding, dilation)
         self.out_shape = (n, c, oh, ow)
         if self.channels_last:
             self.num_img, self.pixels = 1, n * oh * ow
@@ -783,7 +789,7 @@ class _DepthwiseConv(_FusedConv):
             DIL_W=dil_w,
             EPILOGUE=epilogue,
             STORE_Y=store_y,
-            ACT=_ACTIVATION_CODES[act],
+            ACT=ACTIVATION_CODES[act],
         )
         x_and_weight = (self.x, self.weight.reshape(c, kh * kw).contiguous())
         pointers = x_and_weight + self._pointers(out, go, coef, partial)
@@ -815,11 +821,11 @@ class _DepthwiseConv(_FusedConv):
     def input_and_weight_grads(self, g_y: Tensor, need_input: bool, need_weight: bool):
         grad_input = grad_weight = None
         if need_input:
-            grad_input = torch.ops.depsep.triton_depthwise_conv2d_bwd_input(
+            grad_input = depthwise_conv2d_bwd_input(
                 g_y, self.weight, list(self.x.shape), *self.geometry
             ).contiguous(memory_format=self.fmt)  # a no-op unless g_y's layout is ambiguous
         if need_weight:
-            grad_weight, _ = torch.ops.depsep.triton_depthwise_conv2d_bwd_weight(
+            grad_weight, _ = depthwise_conv2d_bwd_weight(
                 g_y, self.x, list(self.weight.shape[2:]), *self.geometry, False
             )
         return grad_input, grad_weight
@@ -864,43 +870,74 @@ def _elementwise(conv: _FusedConv, epilogue, y: Tensor, coef: Tensor, act: str, 
         h * w,
         CHANNELS_LAST=conv.channels_last,
         EPILOGUE=epilogue,
-        ACT=_ACTIVATION_CODES[act],
+        ACT=ACTIVATION_CODES[act],
     )
 
 
-def _bn_act_fwd(
-    conv: _FusedConv, bn_weight, bn_bias, running_mean, running_var, training, eps, act
+def _update_running_stats(
+    running_mean, running_var, num_batches_tracked, mean, var, count, momentum
 ):
-    """(out, mean, var) of the fused op: see the module docstring for the passes."""
+    """The running-statistics step of a training call, on the device (no host synchronisation):
+    num_batches_tracked counts the batch, then running = lerp(running, batch, factor) with the
+    unbiased batch variance, factor = momentum, or 1 / num_batches_tracked when it is None."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is None:
+        return
+    if momentum is None:
+        factor = num_batches_tracked.reciprocal().to(running_mean.dtype)
+    else:
+        factor = momentum
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+
+
+def _bn_act_fwd(
+    conv: _FusedConv,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    training,
+    momentum,
+    eps,
+    act,
+):
+    """(out, stats [2, C]: mean and biased variance) of the fused op: see the module docstring
+    for the passes."""
     out = conv.new_output()
     acc_dtype = stats_dtype(out.dtype)
     store = training and conv.store_output()
     if training:
         partial = out.new_empty((2, conv.block_rows, out.shape[1]), dtype=acc_dtype)
         conv.run(_STATS.value, out=out if store else None, partial=partial, store_y=store)
-        mean, var = _merge_stats(partial, conv.block_counts(partial))
+        stats = torch.stack(_merge_stats(partial, conv.block_counts(partial)))
+        count = out.numel() // out.shape[1]
+        _update_running_stats(
+            running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum
+        )
     else:
-        mean = running_mean.to(acc_dtype, copy=True)
-        var = running_var.to(acc_dtype, copy=True)
-    _, scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+        stats = torch.stack([running_mean.to(acc_dtype), running_var.to(acc_dtype)])
+    _, scale, shift = _scale_shift(stats[0], stats[1], bn_weight, bn_bias, eps)
     coef = torch.stack([scale, shift])
     if store:
         _elementwise(conv, _APPLY.value, out, coef, act)
     else:
         conv.run(_APPLY.value, act, out=out, coef=coef)
-    return out, mean, var
+    return out, stats
 
 
 def _bn_act_bwd(
-    conv: _FusedConv, grad_output, bn_weight, bn_bias, mean, var, training, eps, act, output_mask
+    conv: _FusedConv, grad_output, bn_weight, bn_bias, stats, training, eps, act, output_mask
 ):
     """(grad_input, grad_weight, grad_bn_weight, grad_bn_bias), empty [0] where output_mask
     says not wanted: see the module docstring for the passes."""
     need_input, need_weight, need_bn_weight, need_bn_bias = output_mask
     need_conv = need_input or need_weight
     acc_dtype = stats_dtype(grad_output.dtype)
-    mean = mean.to(acc_dtype)
-    invstd, scale, shift = _scale_shift(mean, var.to(acc_dtype), bn_weight, bn_bias, eps)
+    mean, var = stats.to(acc_dtype)
+    invstd, scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
     coef = [scale, shift, invstd, mean]
     sums = g_y = None
     store = need_conv and conv.store_output()
@@ -956,50 +993,43 @@ def _strided_like(t: Tensor, ref: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("depsep::triton_pointwise_bn_act_fwd", mutates_args={})
 def pointwise_bn_act_fwd(
-    input: Tensor,
-    weight: Tensor,
-    bn_weight: Tensor | None,
-    bn_bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(act(BN(conv1x1(input))), mean, biased variance): the batch's statistics when training,
-    copies of the running ones otherwise. weight [C_out, C_in, 1, 1]."""
-    conv = _PointwiseConv(input, weight)
+    input,
+    weight,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    training,
+    momentum,
+    eps,
+    activation,
+):
     return _bn_act_fwd(
-        conv, bn_weight, bn_bias, running_mean, running_var, training, eps, activation
+        _PointwiseConv(input, weight),
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training,
+        momentum,
+        eps,
+        activation,
     )
 
 
-@torch.library.triton_op("depsep::triton_pointwise_bn_act_bwd", mutates_args={})
 def pointwise_bn_act_bwd(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    bn_weight: Tensor | None,
-    bn_bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    training: bool,
-    eps: float,
-    activation: str,
-    output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bn_weight, grad_bn_bias) of pointwise_bn_act_fwd, each an
-    empty [0] where output_mask says it is not wanted."""
+    grad_output, input, weight, bn_weight, bn_bias, stats, training, eps, activation, output_mask
+):
     conv = _PointwiseConv(input, weight)
     return _bn_act_bwd(
         conv,
         grad_output.contiguous(memory_format=conv.fmt),
         bn_weight,
         bn_bias,
-        mean,
-        var,
+        stats,
         training,
         eps,
         activation,
@@ -1007,55 +1037,58 @@ def pointwise_bn_act_bwd(
     )
 
 
-@torch.library.triton_op("depsep::triton_depthwise_bn_act_fwd", mutates_args={})
 def depthwise_bn_act_fwd(
-    input: Tensor,
-    weight: Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    bn_weight: Tensor | None,
-    bn_bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """As pointwise_bn_act_fwd with a depthwise convolution: weight [C, 1, kH, kW], padding
-    [top, bottom, left, right]."""
-    conv = _DepthwiseConv(input, weight, stride, padding, dilation)
+    input,
+    weight,
+    stride,
+    padding,
+    dilation,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    training,
+    momentum,
+    eps,
+    activation,
+):
     return _bn_act_fwd(
-        conv, bn_weight, bn_bias, running_mean, running_var, training, eps, activation
+        _DepthwiseConv(input, weight, stride, padding, dilation),
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training,
+        momentum,
+        eps,
+        activation,
     )
 
 
-@torch.library.triton_op("depsep::triton_depthwise_bn_act_bwd", mutates_args={})
 def depthwise_bn_act_bwd(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    bn_weight: Tensor | None,
-    bn_bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    training: bool,
-    eps: float,
-    activation: str,
-    output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of depthwise_bn_act_fwd, as pointwise_bn_act_bwd's."""
+    grad_output,
+    input,
+    weight,
+    stride,
+    padding,
+    dilation,
+    bn_weight,
+    bn_bias,
+    stats,
+    training,
+    eps,
+    activation,
+    output_mask,
+):
     conv = _DepthwiseConv(input, weight, stride, padding, dilation)
     return _bn_act_bwd(
         conv,
         grad_output.contiguous(memory_format=conv.fmt),
         bn_weight,
         bn_bias,
-        mean,
-        var,
+        stats,
         training,
         eps,
         activation,
