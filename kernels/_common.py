@@ -7,7 +7,7 @@ from torch import Tensor
 
 # The fused ops' activations: the name the ops take (the public `activation=None` is "none") and
 # the code the kernels switch on. csrc/common/activation.h defines the same codes for C++.
-ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2}
+ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 
 
 def activation_op_name(activation: str | None) -> str:

@@ -136,6 +136,31 @@ class OpSignatures:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The gradients of depthwise_bn_act_fwd, as pointwise_bn_act_bwd's."""
 
+    @staticmethod
+    def depthwise_pointwise_eval(
+        input: Tensor,
+        dw_weight: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        dw_bn_weight: Tensor | None,
+        dw_bn_bias: Tensor | None,
+        dw_running_mean: Tensor,
+        dw_running_var: Tensor,
+        dw_eps: float,
+        dw_activation: str,
+        pw_weight: Tensor,
+        pw_bn_weight: Tensor | None,
+        pw_bn_bias: Tensor | None,
+        pw_running_mean: Tensor,
+        pw_running_var: Tensor,
+        pw_eps: float,
+        pw_activation: str,
+    ) -> Tensor:
+        """The depthwise-separable block in eval, as one pass: pw_act(BN_pw(conv1x1(dw_act(
+        BN_dw(depthwise(input)))))), each BN with its running statistics; the depthwise output
+        never goes to memory. dw_weight [C, 1, kH, kW], pw_weight [C_out, C, 1, 1]."""
+
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 MUTATED_ARGS = {"pointwise_bn_act_fwd": _RUNNING_STATS, "depthwise_bn_act_fwd": _RUNNING_STATS}
@@ -153,9 +178,13 @@ SCHEMAS = {
 }
 
 
+# Ops a backend may leave out (the functional API then takes the other ops' path).
+OPTIONAL_OPS = ("depthwise_pointwise_eval",)
+
+
 @dataclass(frozen=True)
 class OpSet:
-    """One backend's registered ops, by op name."""
+    """One backend's registered ops, by op name (None: an optional op it does not have)."""
 
     depthwise_conv2d_fwd: OpOverload
     depthwise_conv2d_bwd_input: OpOverload
@@ -164,11 +193,18 @@ class OpSet:
     pointwise_bn_act_bwd: OpOverload
     depthwise_bn_act_fwd: OpOverload
     depthwise_bn_act_bwd: OpOverload
+    depthwise_pointwise_eval: OpOverload | None
 
     @classmethod
     def from_namespace(cls, namespace: str, prefix: str = "") -> "OpSet":
         ops = getattr(torch.ops, namespace)
-        return cls(**{f.name: getattr(ops, prefix + f.name).default for f in fields(cls)})
+
+        def handle(name):
+            if name in OPTIONAL_OPS and not hasattr(ops, prefix + name):
+                return None
+            return getattr(ops, prefix + name).default
+
+        return cls(**{f.name: handle(f.name) for f in fields(cls)})
 
 
 assert sorted(f.name for f in fields(OpSet)) == sorted(SCHEMAS), "OpSet and OpSignatures differ"
@@ -282,6 +318,16 @@ def _depthwise_bn_act_bwd_fake(
     return _bn_act_bwd_fake(grad_output, input, weight, geometry, bn_weight, bn_bias, rest[-1])
 
 
+def _depthwise_pointwise_eval_fake(input, dw_weight, stride, padding, dilation, *rest):
+    pw_weight = rest[6]
+    n, _, oh, ow = _fused_output_shape(input, dw_weight, (stride, padding, dilation))
+    torch._check(
+        tuple(pw_weight.shape[1:]) == (input.shape[1], 1, 1),
+        lambda: f"depsep: pw_weight must be [C_out, {input.shape[1]}, 1, 1]",
+    )
+    return _empty_like_layout((n, pw_weight.shape[0], oh, ow), input)
+
+
 _FAKES = {
     "depthwise_conv2d_fwd": _depthwise_conv2d_fwd_fake,
     "depthwise_conv2d_bwd_input": _depthwise_conv2d_bwd_input_fake,
@@ -290,6 +336,7 @@ _FAKES = {
     "pointwise_bn_act_bwd": _pointwise_bn_act_bwd_fake,
     "depthwise_bn_act_fwd": _depthwise_bn_act_fwd_fake,
     "depthwise_bn_act_bwd": _depthwise_bn_act_bwd_fake,
+    "depthwise_pointwise_eval": _depthwise_pointwise_eval_fake,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,16 @@ def pointwise_conv(input: Tensor, weight: Tensor) -> Tensor:
 
 
 def apply_activation(x: Tensor, name: str) -> Tensor:
-    """The fused ops' activations by their op name: "relu", "relu6" or "none"."""
+    """The fused ops' activations by their op name: "relu", "relu6", "silu", "hardswish" or
+    "none"."""
     if name == "relu":
         return F.relu(x)
     if name == "relu6":
         return F.hardtanh(x, 0.0, 6.0)
+    if name == "silu":
+        return F.silu(x)
+    if name == "hardswish":
+        return F.hardswish(x)
     return x
 
 
