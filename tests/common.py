@@ -29,6 +29,70 @@ TOLERANCES = {
 }
 
 
+@dataclass(frozen=True)
+class Accuracy:
+    """How far a result computed in a dtype may be from a float64 run of the same values.
+
+    element: each element within element * (max|exact| + |exact|), which catches a wrong
+    index or a lost tap anywhere; norm: ||got - exact|| within norm * ||exact||, which catches a
+    systematic error such as a gradient scaled by 1.05 that stays below the element bound. Both
+    are far above the dtype's rounding (bfloat16: 2^-8 per rounding) and below 5%, so that a 5%
+    error in any result fails in every dtype (tests/test_fused.py checks that)."""
+
+    element: float
+    norm: float
+
+
+ACCURACY = {
+    torch.float64: Accuracy(element=1e-9, norm=1e-10),
+    torch.float32: Accuracy(element=1e-4, norm=2e-5),
+    torch.float16: Accuracy(element=1e-2, norm=4e-3),
+    torch.bfloat16: Accuracy(element=3e-2, norm=2e-2),
+}
+# float32 through TF32 tensor cores (10-bit mantissa, as float16's): GPU tests of those paths.
+TF32_ACCURACY = Accuracy(element=1e-2, norm=4e-3)
+
+
+def assert_close_to_exact(
+    got: torch.Tensor,
+    exact: torch.Tensor,
+    accuracy: Accuracy,
+    name: str = "",
+    reference: torch.Tensor | None = None,
+    slack: float = 2.0,
+):
+    """`got` (computed in a lower precision) against `exact` (float64, from the same values):
+    shape, then both bounds of `accuracy`, each widened by `slack` times the error of
+    `reference` (eager PyTorch in got's dtype, when given): a result that cancels to nearly zero
+    (a BN-invariant weight gradient) carries rounding noise of its terms' size, which no bound
+    relative to the result itself allows. NaN and infinities must sit at the same places."""
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    got, exact = got.detach().double().cpu(), exact.detach().double().cpu()
+    special = ~torch.isfinite(exact)
+    assert torch.equal(got[special].isnan(), exact[special].isnan()) and torch.equal(
+        got[special].nan_to_num(), exact[special].nan_to_num()
+    ), f"{name}: NaN/infinity differ"
+    finite = ~special
+    ref_error = torch.zeros(())
+    if reference is not None:
+        ref_error = (reference.detach().double().cpu()[finite] - exact[finite]).abs()
+    got, exact = got[finite], exact[finite]
+    if exact.numel() == 0:
+        return
+    error = (got - exact).abs()
+    bound = accuracy.element * (exact.abs().max() + exact.abs()) + slack * ref_error.max()
+    worst = int(torch.argmax(error - bound))
+    assert bool((error <= bound).all()), (
+        f"{name}: element {worst} is {got[worst].item():.6g}, expected {exact[worst].item():.6g} "
+        f"(error {error[worst].item():.3g} > {bound[worst].item():.3g})"
+    )
+    norm_bound = accuracy.norm * exact.norm() + slack * ref_error.norm()
+    assert error.norm() <= norm_bound, (
+        f"{name}: error {error.norm().item():.3g} in norm > {norm_bound.item():.3g} "
+        f"(|exact| {exact.norm().item():.3g})"
+    )
+
+
 def _backend_marks(name: str, device: str):
     """gpu on cuda; a skip with the reason where the backend cannot run."""
     marks = [pytest.mark.gpu] if device == "cuda" else []

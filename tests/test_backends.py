@@ -62,16 +62,29 @@ def test_build_registers_cpu_and_cuda_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"depsep::{op}", "CUDA"), op
 
 
-def test_import_survives_a_broken_extension():
-    """A _C that cannot load gives one warning; the torch backend keeps working."""
+def _run_with_blocked_module(module: str, error: str, body: str) -> subprocess.CompletedProcess:
+    """Runs `body` in a fresh interpreter where importing `module` raises ModuleNotFoundError."""
     script = textwrap.dedent(
-        """
+        f"""
         import sys, warnings
         class Broken:
             def find_spec(self, name, path=None, target=None):
-                if name == "kernels._C":
-                    raise ImportError("undefined symbol: _ZN3c104impl8GPUTrace")
+                if name == {module!r}:
+                    raise ModuleNotFoundError({error!r})
         sys.meta_path.insert(0, Broken())
+        """
+    ) + textwrap.dedent(body)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180
+    )
+
+
+def test_import_survives_a_broken_extension():
+    """A _C that cannot load gives one warning; the torch backend keeps working."""
+    result = _run_with_blocked_module(
+        "kernels._C",
+        "undefined symbol: _ZN3c104impl8GPUTrace",
+        """
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import kernels
@@ -88,10 +101,43 @@ def test_import_survives_a_broken_extension():
         else:
             raise AssertionError("native ran without _C")
         print("ok")
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        """,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_import_survives_a_missing_triton():
+    """Without Triton: one warning, the triton backend says why, the others keep working."""
+    result = _run_with_blocked_module(
+        "triton",
+        "No module named 'triton'",
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import kernels
+        import torch
+        assert len([w for w in caught if "Triton is not usable" in str(w.message)]) == 1
+        assert "No module named 'triton'" in kernels.available_backends("cpu")["triton"]
+        x = torch.randn(1, 2, 4, 4)
+        out = kernels.depthwise_conv2d(x, torch.randn(2, 1, 3, 3), backend="native")
+        assert out.shape == (1, 2, 2, 2)
+        print("ok")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_broken_triton_module_fails_the_import():
+    """Triton installed but a project Triton module broken is a bug, not a missing backend: the
+    import fails (so the test run fails) rather than turning the Triton tests into skips."""
+    result = _run_with_blocked_module(
+        "kernels.triton.fused",
+        "a bug in kernels/triton",
+        """
+        import kernels
+        """,
+    )
+    assert result.returncode != 0
+    assert "a bug in kernels/triton" in result.stderr

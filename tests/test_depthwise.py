@@ -8,9 +8,11 @@ import kernels
 from kernels import _ops, reference
 
 from .common import (
+    ACCURACY,
     HAS_CUDA,
     TOLERANCES,
     DepthwiseCase,
+    assert_close_to_exact,
     backend_param,
     backend_params,
     depthwise_cases,
@@ -41,27 +43,31 @@ def depthwise(case: DepthwiseCase, backend: str, x, w, b):
 
 def run_with_grads(case: DepthwiseCase, backend, device="cpu", dtype=torch.float32):
     """Output and (input, weight, bias) gradients of `backend` for one case under a fixed
-    upstream gradient, and the same from the reference computed in float64 on the very same
-    values (so low-precision results are judged against exact ones)."""
+    upstream gradient, then the same from the reference computed in float64 on the very same
+    values (so low-precision results are judged against exact ones), and from the reference in
+    the case's dtype (eager PyTorch's own rounding, the yardstick of cancelling sums)."""
     x, w, b = case.make(device, dtype, requires_grad=True)
-    out = depthwise(case, backend, x, w, b)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     inputs = [t for t in (x, w, b) if t is not None]
-    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    def run(backend, tensors):
+        out = depthwise(case, backend, *tensors, *([None] * (3 - len(tensors))))
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        return out, torch.autograd.grad(out, tensors, grad_out.to(dtype).to(out))
 
     exact = [t.detach().double().requires_grad_() for t in inputs]
-    x64, w64, b64 = exact[0], exact[1], exact[2] if b is not None else None
-    ref = depthwise(case, "torch", x64, w64, b64)
-    ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
-    return (out, grads), (ref.to(dtype), [g.to(dtype) for g in ref_grads])
+    eager = [t.detach().clone().requires_grad_() for t in inputs]
+    return run(backend, inputs), run("torch", exact), run("torch", eager)
 
 
 def assert_matches_reference(case, backend, device="cpu", dtype=torch.float32):
-    (out, grads), (ref_out, ref_grads) = run_with_grads(case, backend, device, dtype)
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(out, ref_out, **tol)
-    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
-        torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    (out, grads), (exact_out, exact_grads), (eager_out, eager_grads) = run_with_grads(
+        case, backend, device, dtype
+    )
+    accuracy = ACCURACY[dtype]
+    assert_close_to_exact(out, exact_out, accuracy, "output", eager_out)
+    for name, got, want, eager in zip(("input", "weight", "bias"), grads, exact_grads, eager_grads):
+        assert got.dtype == dtype, name
+        assert_close_to_exact(got, want, accuracy, f"grad {name}", eager)
     if case.layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last), "output lost channels_last"
         assert grads[0].is_contiguous(memory_format=torch.channels_last)

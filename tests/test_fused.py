@@ -12,7 +12,15 @@ from torch import nn
 
 import kernels
 
-from .common import HAS_CUDA, TOLERANCES, backend_param, ops, skip_unless_cuda_build
+from .common import (
+    ACCURACY,
+    HAS_CUDA,
+    TOLERANCES,
+    assert_close_to_exact,
+    backend_param,
+    ops,
+    skip_unless_cuda_build,
+)
 
 FUNCTIONS = {"pointwise": kernels.pointwise_bn_act, "depthwise": kernels.depthwise_bn_act}
 
@@ -87,7 +95,10 @@ def fused_cases() -> list[FusedCase]:
             FusedCase("depthwise", 1, 16, 16, 9, 9, layout, 3, 2, 1),
         ]
     cases += [
-        FusedCase("pointwise", 4, 1, 1, 3, 3),
+        # One output channel. (With one input channel too, BN would make the output independent
+        # of the weight's scalar in training: its gradient would be eps-sized noise.)
+        FusedCase("pointwise", 4, 2, 1, 3, 3),
+        FusedCase("pointwise", 2, 1, 3, 3, 3),
         FusedCase("pointwise", 3, 64, 128, 1, 1, "channels_last"),
         # Two values per channel make BN output +-1 and its input gradient zero up to rounding:
         # four keep the gradients meaningful.
@@ -115,14 +126,14 @@ def interpreter_cases() -> list[FusedCase]:
 
 def run_steps(case, backend, tensors, training, activation="relu", steps=2, momentum=0.1):
     """`steps` calls on the same running statistics, then a backward of the last output with
-    a fixed gradient. Returns (output, running_mean, running_var, grads of input, weight,
+    a fixed gradient (drawn in the input's dtype, so that a float64 run of the same values sees
+    the same gradient). Returns (output, running_mean, running_var, grads of input, weight,
     bn_weight, bn_bias)."""
     x, w, bn_w, bn_b, rm, rv = (None if t is None else t.detach().clone() for t in tensors)
     x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else x
     params = [t.requires_grad_() for t in (x, w, bn_w, bn_b) if t is not None]
-    fn = FUNCTIONS[case.conv]
     for _ in range(steps):
-        out = fn(
+        out = FUNCTIONS[case.conv](
             x,
             w,
             rm,
@@ -135,29 +146,46 @@ def run_steps(case, backend, tensors, training, activation="relu", steps=2, mome
             backend=backend,
             **case.conv_args(),
         )
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-    grads = torch.autograd.grad(out, params, grad_out)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, params, grad_out.to(case_dtype(tensors)).to(out))
     return out, rm, rv, grads
 
 
-def assert_matches_reference(case, backend, device, dtype, training, activation, affine=True):
+def case_dtype(tensors) -> torch.dtype:
+    return tensors[0].dtype
+
+
+def exact_run(case, tensors, training, activation, **options):
+    """run_steps of the "torch" reference in float64 on the very same values."""
+    exact = tuple(None if t is None else t.detach().double() for t in tensors)
+    got = run_steps(case, "torch", exact, training, activation, **options)
+    return got
+
+
+def assert_matches_reference(
+    case, backend, device, dtype, training, activation, affine=True, accuracy=None
+):
+    """The backend's outputs, running statistics and gradients against a float64 run of the
+    same values, within the dtype's ACCURACY."""
     tensors = case.make(device, dtype, affine)
     got = run_steps(case, backend, tensors, training, activation)
-    want = run_steps(case, "torch", tensors, training, activation)
-    tol = TOLERANCES[dtype]
-    out, want_out = got[0], want[0]
-    assert out.dtype == want_out.dtype and out.shape == want_out.shape
+    want = exact_run(case, tensors, training, activation)
+    eager = run_steps(case, "torch", tensors, training, activation)
+    accuracy = accuracy or ACCURACY[dtype]
+    out = got[0]
+    assert out.dtype == dtype and out.shape == want[0].shape
     expected_format = (
         torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     )
     if case.layout != "sliced":
         assert out.is_contiguous(memory_format=expected_format)
-    torch.testing.assert_close(out, want_out, **tol)
-    torch.testing.assert_close(got[1], want[1], **tol)
-    torch.testing.assert_close(got[2], want[2], **tol)
-    for name, g, w in zip(("input", "weight", "bn_weight", "bn_bias"), got[3], want[3]):
-        # Gradients sum over the batch: scale the tolerance with the values summed.
-        torch.testing.assert_close(g, w, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10, msg=name)
+    assert_close_to_exact(out, want[0], accuracy, "output", eager[0])
+    assert_close_to_exact(got[1], want[1], accuracy, "running_mean", eager[1])
+    assert_close_to_exact(got[2], want[2], accuracy, "running_var", eager[2])
+    names = ("input", "weight", "bn_weight", "bn_bias")
+    for name, g, w, e in zip(names, got[3], want[3], eager[3]):
+        assert g.dtype == e.dtype, name
+        assert_close_to_exact(g, w, accuracy, f"grad {name}", e)
 
 
 NATIVE_CPU = backend_param("native", "cpu")
@@ -456,3 +484,22 @@ def test_gpu_channels_last_half_train_steps(backend):
     """A MobileNet-sized layer in float16 training, against the reference on the GPU."""
     case = FusedCase("pointwise", 8, 128, 256, 28, 28, "channels_last")
     assert_matches_reference(case, backend, "cuda", torch.float16, True, "relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+def test_a_5_percent_error_fails_in_every_dtype(conv, dtype):
+    """The comparison can fail: the results of a real run pass, and the same results with any
+    one of them (the output, a running statistic or a gradient) 5% off fail, in every dtype."""
+    case = FusedCase(conv, 2, 8, 8 if conv == "depthwise" else 16, 6, 6, "channels_last")
+    tensors = case.make("cpu", dtype)
+    got = run_steps(case, "native", tensors, True, "relu")
+    want = exact_run(case, tensors, True, "relu")
+    eager = run_steps(case, "torch", tensors, True, "relu")
+    triples = list(zip(got[:3], want[:3], eager[:3])) + list(zip(got[3], want[3], eager[3]))
+    assert len(triples) == 7
+    for index, (g, w, e) in enumerate(triples):
+        assert_close_to_exact(g, w, ACCURACY[dtype], f"result {index}", e)
+        off = g * 1.05
+        with pytest.raises(AssertionError):
+            assert_close_to_exact(off, w, ACCURACY[dtype], f"result {index}", e)
