@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 import kernels
-from bench import block, bn_act, depthwise, model
+from bench import block, bn_act, depthwise, model, overhead
 from bench.harness import (
     COMPILE_MODES,
     REFERENCE,
@@ -20,6 +20,7 @@ from bench.harness import (
     Deadline,
     Op,
     make_cases,
+    make_host_timer,
     make_timer,
     measure_copy,
     run_case,
@@ -37,7 +38,14 @@ from bench.report import (
 # Every benchmarked op, in table order; a new op module adds its OP here.
 OPS = {
     op.name: op
-    for op in (depthwise.OP, bn_act.DEPTHWISE_OP, bn_act.POINTWISE_OP, block.OP, model.OP)
+    for op in (
+        depthwise.OP,
+        bn_act.DEPTHWISE_OP,
+        bn_act.POINTWISE_OP,
+        block.OP,
+        model.OP,
+        overhead.OP,
+    )
 }
 MODES = ("forward", "backward", "forward+backward", "eval")
 LAYOUTS = ("channels_last", "nchw")
@@ -76,6 +84,7 @@ DEFAULT_PLANS = {
         "pointwise_bn_act": Plan(_TARGET_MODES, "subset", _CL, "quick", max_autotune=True),
         "block": Plan(_TARGET_MODES, "subset", _CL, "quick", max_autotune=True),
         "model": Plan(_TARGET_MODES, "all", _CL),
+        "overhead": Plan(overhead.MODES, "all", _CL),
     },
     "cuda": {
         "depthwise": Plan(("forward", "backward"), "all", LAYOUTS),
@@ -83,6 +92,7 @@ DEFAULT_PLANS = {
         "pointwise_bn_act": Plan(_TARGET_MODES, "all", _CL, compile_layers="subset"),
         "block": Plan(_TARGET_MODES, "all", _CL, compile_layers="quick"),
         "model": Plan(_TARGET_MODES, "all", _CL, compile_layers="all", max_autotune=True),
+        "overhead": Plan(overhead.MODES, "all", _CL),
     },
 }
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16",)}
@@ -264,9 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             op = with_plan(op, plan, device, args.quick)
         work += [(op, case, backends) for case in cases]
 
-    time_fn = make_timer(device, args.quick)
+    device_time_fn = make_timer(device, args.quick)
+    host_time_fn = make_host_timer(device, args.quick)
     deadline = Deadline(args.time_limit)
-    copy_bytes, copy_timing = measure_copy(device, time_fn)
+    copy_bytes, copy_timing = measure_copy(device, device_time_fn)
     passes = [
         (op, case, [b for b in backends if _tier(b) == tier])
         for tier in sorted({_tier(b) for _, _, backends in work for b in backends})
@@ -275,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for op, case, backends in tqdm(passes, desc="bench", unit="case", disable=args.no_progress):
         if backends:
+            time_fn = host_time_fn if op.host_timed else device_time_fn
             results += run_case(op, case, backends, device, availability, time_fn, deadline)
     order = {(case, b): (i, j) for i, (_, case, bs) in enumerate(work) for j, b in enumerate(bs)}
     results.sort(key=lambda result: order[result.case, result.backend])

@@ -112,7 +112,8 @@ class Op:
     describe_kernel(case, inputs, backend) names the kernel PyTorch picks for a baseline ("" if
     there is nothing to say); default_batch is the batch by device type when --batch is not
     given; memory_modes are the modes whose peak memory is measured; tolerance_scale widens the
-    check for deep computations (a whole model) whose rounding compounds.
+    check for deep computations (a whole model) whose rounding compounds; host_timed ops are
+    timed by make_host_timer (the host's cost per call) instead of the device timer.
     """
 
     name: str
@@ -128,6 +129,7 @@ class Op:
     describe_kernel: Callable[[Case, Any, str], str] = lambda case, inputs, backend: ""
     memory_modes: tuple[str, ...] = ()
     tolerance_scale: float = 1.0
+    host_timed: bool = False
 
     def layer_set(self, name: str) -> tuple[Any, ...]:
         """The layers of a named set: "all", "subset" or "quick"."""
@@ -203,6 +205,36 @@ def make_timer(device: torch.device, quick: bool) -> Callable[[Callable[[], Any]
         return Timing.from_samples(timer.blocked_autorange(min_run_time=min_run_time).times)
 
     return time_cpu
+
+
+def make_host_timer(device: torch.device, quick: bool) -> Callable[[Callable[[], Any]], Timing]:
+    """The timing function of host-cost measurements: on a CPU, torch.utils.benchmark on one
+    thread; on a GPU, the wall time per call of back-to-back calls with one synchronisation at
+    the end of each sample (the host's cost wherever it exceeds the device's)."""
+    if device.type != "cuda":
+
+        def time_cpu(fn):
+            timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
+            if quick:
+                return Timing.from_samples([timer.timeit(10).median for _ in range(3)])
+            return Timing.from_samples(timer.blocked_autorange(min_run_time=0.5).times)
+
+        return time_cpu
+
+    def time_loop(fn):
+        calls, samples = (10, 3) if quick else (200, 7)
+        fn()
+        torch.cuda.synchronize()
+        seconds = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            seconds.append((time.perf_counter() - start) / calls)
+        return Timing.from_samples(seconds)
+
+    return time_loop
 
 
 def _cuda_call_ms(fn: Callable[[], Any]) -> float:

@@ -38,6 +38,12 @@ def memory_format(t: Tensor) -> torch.memory_format:
     """channels_last for a 4-D tensor with NHWC-like strides, else contiguous_format, exactly as
     the C++ kernels decide (ATen's Tensor.suggest_memory_format(); torch._prims_common has it
     from torch 2.12, older releases have only the stride test)."""
+    if not torch.compiler.is_compiling():
+        # A tensor contiguous in exactly one of the two layouts has that one (the common case,
+        # answered without the general stride analysis).
+        contiguous = t.is_contiguous()
+        if contiguous != t.is_contiguous(memory_format=torch.channels_last):
+            return torch.contiguous_format if contiguous else torch.channels_last
     suggest = getattr(torch._prims_common, "suggest_memory_format", None)
     if suggest is not None:
         return suggest(t)

@@ -12,16 +12,19 @@ from ._common import ACTIVATION_CODES, activation_op_name, conv2d_output_hw
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+
+
 def check_tensors(op: str, **tensors: Tensor | None) -> None:
     """Each named tensor (None allowed: optional) is a floating tensor of a supported dtype, and
     all share the first one's dtype and device."""
-    first_name, first = None, None
+    first_name = first = None
     for name, t in tensors.items():
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in _SUPPORTED:
             names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
             raise TypeError(
                 f"{op}: {name} has unsupported dtype {t.dtype}; expected one of {names}"
@@ -73,6 +76,49 @@ class ConvGeometry:
         )
 
 
+def _geometry(op: str, kernel: tuple[int, int], stride, padding, dilation) -> ConvGeometry:
+    stride = _int_pair(op, "stride", stride, 1)
+    dilation = _int_pair(op, "dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' needs stride 1, got stride={stride}")
+            # Like F.conv2d: the odd extra pixel of an even kernel goes to the end.
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pad = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+        else:
+            raise ValueError(
+                f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}"
+            )
+    else:
+        ph, pw = _int_pair(op, "padding", padding, 0)
+        pad = (ph, ph, pw, pw)
+    return ConvGeometry(stride, pad, dilation, kernel)
+
+
+# Normalised geometries by their arguments: a model calls each layer's with the same ones.
+_GEOMETRIES: dict[tuple, ConvGeometry] = {}
+
+
+def _plain(value) -> bool:
+    """An int, a str or a tuple of ints: a cache key that equals only arguments of its types
+    (True == 1, but a bool stride must still be refused)."""
+    kind = type(value)
+    return kind is int or kind is str or (kind is tuple and all(type(v) is int for v in value))
+
+
+def _cached_geometry(op: str, kernel: tuple[int, int], stride, padding, dilation):
+    if not (_plain(stride) and _plain(padding) and _plain(dilation)):
+        return _geometry(op, kernel, stride, padding, dilation)
+    key = (kernel, stride, padding, dilation)
+    geometry = _GEOMETRIES.get(key)
+    if geometry is None:
+        geometry = _GEOMETRIES[key] = _geometry(op, kernel, stride, padding, dilation)
+    return geometry
+
+
 def depthwise_args(
     op: str, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation
 ) -> ConvGeometry:
@@ -98,27 +144,13 @@ def depthwise_args(
         raise ValueError(f"{op}: weight has an empty kernel {tuple(weight.shape[2:])}")
     if bias is not None and tuple(bias.shape) != (channels,):
         raise ValueError(f"{op}: bias must have shape ({channels},), got {tuple(bias.shape)}")
-
-    stride = _int_pair(op, "stride", stride, 1)
-    dilation = _int_pair(op, "dilation", dilation, 1)
-    kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    if isinstance(padding, str):
-        if padding == "valid":
-            pad = (0, 0, 0, 0)
-        elif padding == "same":
-            if stride != (1, 1):
-                raise ValueError(f"{op}: padding='same' needs stride 1, got stride={stride}")
-            # Like F.conv2d: the odd extra pixel of an even kernel goes to the end.
-            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            pad = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
-        else:
-            raise ValueError(
-                f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}"
-            )
-    else:
-        ph, pw = _int_pair(op, "padding", padding, 0)
-        pad = (ph, ph, pw, pw)
-
+    kernel = (weight.shape[2], weight.shape[3])
+    geometry = (
+        _geometry(op, kernel, stride, padding, dilation)
+        if torch.compiler.is_compiling()
+        else _cached_geometry(op, kernel, stride, padding, dilation)
+    )
+    pad, dilation = geometry.padding, geometry.dilation
     for dim, size, before, after, k, d in (
         ("height", input.shape[2], pad[0], pad[1], kernel[0], dilation[0]),
         ("width", input.shape[3], pad[2], pad[3], kernel[1], dilation[1]),
@@ -128,7 +160,10 @@ def depthwise_args(
                 f"{op}: kernel {kernel} with dilation {dilation} spans {d * (k - 1) + 1} pixels "
                 f"but the padded input {dim} is {size + before + after}"
             )
-    return ConvGeometry(stride, pad, dilation, kernel)
+    return geometry
+
+
+_PUBLIC_ACTIVATIONS = frozenset(name for name in ACTIVATION_CODES if name != "none")
 
 
 def bn_act_args(
@@ -147,25 +182,30 @@ def bn_act_args(
 ) -> str:
     """Checks the BatchNorm and activation arguments of a fused op (the convolution's own are
     checked apart); returns the activation's name as the ops take it."""
-    bn = dict(
-        running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias
-    )
     # BN parameters and statistics share one dtype, which may differ from the input's (float32
     # statistics under autocast, as nn.BatchNorm2d keeps them).
-    check_tensors(op, **bn)
-    for name, t in bn.items():
+    check_tensors(
+        op, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias
+    )
+    device = input.device
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+    ):
         if t is None:
             continue
-        if t.device != input.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
-        if tuple(t.shape) != (out_channels,):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {device}")
+        if t.shape != (out_channels,):
             raise ValueError(
                 f"{op}: {name} must have shape ({out_channels},) (one value per output channel), "
                 f"got {tuple(t.shape)}"
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: running_mean and running_var must be both given or both None")
-    if not isinstance(training, bool):
+    if type(training) is not bool:
         raise TypeError(f"{op}: training must be a bool, got {training!r}")
     if not training and running_mean is None:
         raise ValueError(f"{op}: running_mean and running_var are required when training=False")
@@ -187,11 +227,12 @@ def bn_act_args(
         not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1
     ):
         raise TypeError(f"{op}: num_batches_tracked must be a one-element tensor or None")
-    public_names = [name for name in ACTIVATION_CODES if name != activation_op_name(None)]
-    if activation is not None and not (isinstance(activation, str) and activation in public_names):
-        choices = ", ".join(repr(name) for name in public_names)
+    if activation is None:
+        return activation_op_name(None)
+    if type(activation) is not str or activation not in _PUBLIC_ACTIVATIONS:
+        choices = ", ".join(repr(name) for name in ACTIVATION_CODES if name != "none")
         raise ValueError(f"{op}: activation must be one of {choices} or None, got {activation!r}")
-    return activation_op_name(activation)
+    return activation
 
 
 def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> None:

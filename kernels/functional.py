@@ -10,6 +10,8 @@ from ._backend import select_backend
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Casts like F.conv2d under torch.autocast, before validation sees the dtypes: floating
     tensors to the autocast dtype of the first tensor's device type."""
+    if not torch._C._is_any_autocast_enabled():
+        return tensors
     first = tensors[0]
     device_type = first.device.type if isinstance(first, Tensor) else "cpu"
     if not torch.is_autocast_enabled(device_type):
