@@ -583,3 +583,130 @@ class BnAct(torch.autograd.Function):
         )
         grads = [g if wanted else None for g, wanted in zip(grads, mask)]
         return (None, None, None, *grads, None, None, None, None, None, None, None)
+
+
+@dataclass(frozen=True)
+class ChainStage:
+    """One stage of a BnActChain: a fused forward op and its backward op, their non-tensor
+    arguments, and whether the chain keeps this stage's input for backward (the chain input is
+    always kept; an input not kept is recomputed from the previous stage's)."""
+
+    fwd: OpOverload
+    bwd: OpOverload
+    geometry: tuple
+    training: bool
+    momentum: float | None
+    eps: float
+    activation: str
+    keep_input: bool
+
+
+# The tensors of a stage, in the order BnActChain takes them.
+CHAIN_STAGE_TENSORS = (
+    "weight",
+    "bn_weight",
+    "bn_bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+)
+
+
+class BnActChain(torch.autograd.Function):
+    """A run of fused convolution + BatchNorm + activation stages as one autograd unit.
+
+    The forward runs each stage's forward op (the running statistics move once, there) and
+    keeps the chain input, the stages' weights, each stage's [2, C] statistics and the inputs of
+    the stages marked keep_input. The backward recomputes the other stage inputs from the
+    previous stage's, normalising with the saved statistics (an eval-mode call: the running
+    statistics do not move again), then runs each stage's backward op from the last to the
+    first. `tensors` are CHAIN_STAGE_TENSORS for every stage in turn."""
+
+    @staticmethod
+    def forward(ctx, stages: tuple, input, *tensors):
+        per_stage = len(CHAIN_STAGE_TENSORS)
+        x = input
+        kept, weights, stats = [input], [], []
+        for index, stage in enumerate(stages):
+            w, bn_w, bn_b, rm, rv, nbt = tensors[index * per_stage : (index + 1) * per_stage]
+            if index > 0:
+                kept.append(x if stage.keep_input else None)
+            x, stage_stats = stage.fwd(
+                x,
+                w,
+                *stage.geometry,
+                bn_w,
+                bn_b,
+                rm,
+                rv,
+                nbt,
+                stage.training,
+                stage.momentum,
+                stage.eps,
+                stage.activation,
+            )
+            weights += (w, bn_w, bn_b)
+            stats.append(stage_stats)
+        ctx.stages = stages
+        ctx.save_for_backward(*kept, *weights, *stats)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        stages = ctx.stages
+        count = len(stages)
+        saved = ctx.saved_tensors
+        inputs = list(saved[:count])
+        weights = saved[count : 4 * count]
+        stats = saved[4 * count :]
+        for index in range(1, count):
+            if inputs[index] is None:  # recompute it with the saved statistics
+                stage = stages[index - 1]
+                w, bn_w, bn_b = weights[3 * (index - 1) : 3 * index]
+                inputs[index], _ = stage.fwd(
+                    inputs[index - 1],
+                    w,
+                    *stage.geometry,
+                    bn_w,
+                    bn_b,
+                    stats[index - 1][0],
+                    stats[index - 1][1],
+                    None,
+                    False,
+                    None,
+                    stage.eps,
+                    stage.activation,
+                )
+        per_stage = len(CHAIN_STAGE_TENSORS)
+        needs = ctx.needs_input_grad
+        grads = [None] * (len(needs))
+        grad = grad_output
+        for index in reversed(range(count)):
+            stage = stages[index]
+            first = 2 + index * per_stage  # this stage's weight in the Function's inputs
+            earlier = needs[1] or any(
+                any(needs[2 + k * per_stage : 5 + k * per_stage]) for k in range(index)
+            )
+            mask = [earlier, *needs[first : first + 3]]
+            if not any(mask):
+                continue
+            w, bn_w, bn_b = weights[3 * index : 3 * index + 3]
+            results = stage.bwd(
+                grad,
+                inputs[index],
+                w,
+                *stage.geometry,
+                bn_w,
+                bn_b,
+                stats[index],
+                stage.training,
+                stage.eps,
+                stage.activation,
+                mask,
+            )
+            inputs[index] = None  # its memory goes back as soon as the stage is done
+            for offset, (result, wanted) in enumerate(zip(results[1:], mask[1:])):
+                grads[first + offset] = result if wanted else None
+            grad = results[0] if earlier else None
+        grads[1] = grad if needs[1] else None
+        return tuple(grads)
