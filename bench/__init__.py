@@ -1,4 +1,4 @@
-"""Benchmarks of the depsep kernels against PyTorch (SPEC §6); run `python -m bench --help`.
+"""Benchmarks of the depsep kernels against PyTorch eager and torch.compile: `python -m bench`.
 
 Layout: shapes.py holds the MobileNet V1 layer, block and model tables; harness.py the one
 measurement harness (correctness gate, timing, memory, the torch.compile baselines); one module

@@ -63,18 +63,19 @@ class Plan:
     max_autotune: bool = False  # whether mode="max-autotune" runs there too
 
 
-# The SPEC §6 protocol cut to fit its time budgets: `make bench` about two minutes on a 2-core
-# CPU; `make gpu-check`, build and GPU tests included, under 8 minutes on an H200 (its
-# --time-limit cuts whatever is left, compile baselines last). The modes are those the SPEC sets
-# targets for, in bfloat16 on CUDA and float32 on CPU. A cold torch.compile costs seconds per
-# case, and minutes for the whole model on a CPU (140 s for its training step on 2 cores); a
-# max-autotune one about as much on a CPU (a few seconds per layer), but presumably tens of
-# seconds per layer on a GPU, where it benchmarks Triton GEMM configurations (not yet measured
-# here). So on CPU both compile modes run on the last layer
+# The benchmark protocol (every MobileNet V1 layer at batch 128 on a GPU, against eager,
+# PyTorch's native depthwise kernel and torch.compile) cut to fit its time budgets: `make bench`
+# about two minutes on a 2-core CPU; `make gpu-check`, build and GPU tests included, under 8
+# minutes on an H200 (its --time-limit cuts whatever is left, compile baselines last). The modes
+# are those the performance targets are set for, in bfloat16 on CUDA and float32 on CPU. A cold
+# torch.compile costs seconds per case, and minutes for the whole model on a CPU (140 s for its
+# training step on 2 cores); a max-autotune one about as much on a CPU (a few seconds per
+# layer), but presumably tens of seconds per layer on a GPU, where it benchmarks Triton GEMM
+# configurations (not yet measured here). So on CPU both compile modes run on the last layer
 # ("quick") of each fused op and block, not on the model; on CUDA torch.compile runs on the
-# 4-layer subset for pointwise_bn_act (whose SPEC target names it), on the last layer of the
-# other layer ops and on the model, and max-autotune on the model alone. A baseline left out
-# says so in the tables; --backends names it to run it everywhere it applies.
+# 4-layer subset for pointwise_bn_act (whose torch.compile target names it), on the last layer
+# of the other layer ops and on the model, and max-autotune on the model alone. A baseline left
+# out says so in the tables; --backends names it to run it everywhere it applies.
 _TARGET_MODES = ("eval", "forward+backward")
 _CL = ("channels_last",)
 DEFAULT_PLANS = {

@@ -1,4 +1,4 @@
-"""Layer shapes of MobileNet V1 (alpha = 1.0, 224x224 input), the benchmark workload (SPEC §3, §6).
+"""Layer shapes of MobileNet V1 (alpha = 1.0, 224x224 input), the benchmark workload.
 
 The depthwise, pointwise and block tables derive from one block list, so they cannot drift apart.
 """

@@ -1,4 +1,4 @@
-"""SPEC §7: every bad input raises an exception naming the argument; odd but valid inputs
+"""Every bad input raises an exception naming the argument; odd but valid inputs
 (empty batch, non-contiguous, channels_last, NaN) are computed like the reference."""
 
 import pytest

@@ -93,7 +93,7 @@ ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", depthwise_cases(), ids=str)
 def test_cuda_thread_programs_on_host(case, dtype):
-    """SPEC §4: the CUDA kernels' own thread programs, run for every thread index on the host,
+    """The CUDA kernels' own thread programs, run for every thread index on the host,
     in every dtype: 16-byte channel vectors (4 floats, 2 doubles, 8 halves) in channels_last
     when C allows, one channel otherwise, the 3x3 and general-kernel paths, the two-pass
     weight gradient."""

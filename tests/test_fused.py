@@ -222,7 +222,7 @@ def test_native_cpu_options(conv, training, activation, affine, dtype, layout):
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cuda_fused_depthwise_programs_on_host(case, dtype, training):
-    """SPEC §4: the CUDA kernels' fused depthwise programs (statistics recomputed without
+    """The CUDA kernels' fused depthwise programs (statistics recomputed without
     writing the convolution, then the forward with the BN and activation epilogue), run for
     every thread index on the host, in every dtype; backward through the same programs."""
     assert_matches_reference(case, "host_programs", "cpu", dtype, training, "relu6")

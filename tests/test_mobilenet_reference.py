@@ -1,4 +1,5 @@
-"""The reference MobileNet V1 reproduces the paper's parameter and mult-add counts (SPEC §3)."""
+"""The reference MobileNet V1 reproduces the paper's parameter and mult-add counts
+(arXiv 1704.04861)."""
 
 import pytest
 
