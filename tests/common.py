@@ -1,5 +1,6 @@
 """Sample generators and tolerances shared by the test modules."""
 
+import contextlib
 import itertools
 import os
 from dataclasses import dataclass
@@ -91,6 +92,30 @@ def assert_close_to_exact(
         f"{name}: error {error.norm().item():.3g} in norm > {norm_bound.item():.3g} "
         f"(|exact| {exact.norm().item():.3g})"
     )
+
+
+@contextlib.contextmanager
+def float32_precision(precision: str):
+    """float32 convolutions and matmuls in "ieee" or "tf32" (cuDNN, cuBLAS and the kernels that
+    follow cuDNN's setting: the WMMA GEMM, Triton's tl.dot), restored afterwards. Through the
+    per-op fp32_precision settings where this torch has them, else the allow_tf32 flags."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None:
+        matmul = torch.backends.cuda.matmul
+        before = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision = matmul.fp32_precision = precision
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = before
+        return
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    allowed = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _backend_marks(name: str, device: str):

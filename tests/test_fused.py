@@ -15,9 +15,11 @@ import kernels
 from .common import (
     ACCURACY,
     HAS_CUDA,
+    TF32_ACCURACY,
     TOLERANCES,
     assert_close_to_exact,
     backend_param,
+    float32_precision,
     ops,
     skip_unless_cuda_build,
 )
@@ -248,6 +250,23 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gpu(backend, device, case, dtype, training):
     assert_matches_reference(case, backend, device, dtype, training, "relu")
+
+
+@pytest.mark.parametrize(
+    "backend, device", [backend_param(b, "cuda") for b in ("native", "triton")]
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_float32_through_tf32(backend, device, training):
+    """With TF32 allowed (cuDNN's default), float32 1x1 layers run on tensor cores: judged
+    against float64 with a TF32-sized bound (float16's mantissa), over odd shapes."""
+    for case in (
+        FusedCase("pointwise", 2, 17, 33, 7, 6, "channels_last"),
+        FusedCase("pointwise", 4, 64, 128, 9, 9, "channels_last"),
+    ):
+        with float32_precision("tf32"):
+            assert_matches_reference(
+                case, backend, device, torch.float32, training, "relu", accuracy=TF32_ACCURACY
+            )
 
 
 @pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
