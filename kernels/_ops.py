@@ -531,58 +531,47 @@ class DepthwiseConv2dWeightGrad(torch.autograd.Function):
 
 
 class BnAct(torch.autograd.Function):
-    """A fused convolution + BatchNorm + activation forward op (`fwd`, with its backward op `bwd`
-    of the same OpSet; `geometry` is () for the 1x1 convolution, (stride, padding, dilation) for
-    the depthwise one). Autograd keeps the input, the weights and the [2, C] statistics: the
-    backward op recomputes the convolution, the BN output and the activation mask."""
+    """A fused convolution + BatchNorm + activation forward op `fwd` (with its backward op `bwd`
+    of the same OpSet), called with `args` in the op's order: input, weight, the `geometry`
+    arguments of a depthwise convolution (stride, padding, dilation; none for the 1x1 one), then
+    the BatchNorm tensors and options. Autograd keeps the input, the weights and the [2, C]
+    statistics: the backward op recomputes the convolution, the BN output and the activation
+    mask."""
 
     @staticmethod
-    def forward(
-        ctx,
-        fwd: OpOverload,
-        bwd: OpOverload,
-        geometry: tuple,
-        input,
-        weight,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        training: bool,
-        momentum,
-        eps: float,
-        activation: str,
-    ):
-        out, stats = fwd(
-            input,
-            weight,
-            *geometry,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            training,
-            momentum,
-            eps,
-            activation,
-        )
+    def forward(ctx, fwd: OpOverload, bwd: OpOverload, geometry: int, *args):
+        out, stats = fwd(*args)
+        input, weight = args[0], args[1]
+        bn_weight, bn_bias = args[2 + geometry], args[3 + geometry]
         ctx.bwd = bwd
-        ctx.geometry = geometry
-        ctx.options = (training, eps, activation)
+        ctx.geometry = args[2 : 2 + geometry]
+        ctx.options = (args[-4], args[-2], args[-1])  # training, eps, activation
         ctx.save_for_backward(input, weight, bn_weight, bn_bias, stats)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bn_weight, bn_bias, stats = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[3:7])
+        geometry = len(ctx.geometry)
+        needs = ctx.needs_input_grad
+        mask = [needs[3], needs[4], needs[5 + geometry], needs[6 + geometry]]
         grads = ctx.bwd(
             grad_output, input, weight, *ctx.geometry, bn_weight, bn_bias, stats, *ctx.options, mask
         )
-        grads = [g if wanted else None for g, wanted in zip(grads, mask)]
-        return (None, None, None, *grads, None, None, None, None, None, None, None)
+        input_grad, weight_grad, bn_weight_grad, bn_bias_grad = (
+            g if wanted else None for g, wanted in zip(grads, mask)
+        )
+        return (
+            None,
+            None,
+            None,
+            input_grad,
+            weight_grad,
+            *([None] * geometry),
+            bn_weight_grad,
+            bn_bias_grad,
+            *([None] * 7),
+        )
 
 
 @dataclass(frozen=True)

@@ -95,12 +95,10 @@ def _bn_act(
         fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
     else:
         fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
-    return _ops.BnAct.apply(
-        fwd,
-        bwd,
-        geometry,
+    args = (
         input,
         weight,
+        *geometry,
         bn_weight,
         bn_bias,
         running_mean,
@@ -111,6 +109,9 @@ def _bn_act(
         float(eps),
         act,
     )
+    if not torch.is_grad_enabled():  # nothing to record: the op alone, without a Function
+        return fwd(*args)[0]
+    return _ops.BnAct.apply(fwd, bwd, len(geometry), *args)
 
 
 def pointwise_bn_act(
