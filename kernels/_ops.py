@@ -330,9 +330,10 @@ def register_bn_act_ops(prefix: str, fakes: bool = True, convs=tuple(FUSED_CONVS
 
 define_bn_act_ops("")
 register_bn_act_ops("")
-# The CUDA kernels' fused depthwise thread programs run on the host: CPU-only, test-only.
-define_bn_act_ops("_host_programs_", convs=("depthwise",))
-register_bn_act_ops("_host_programs_", convs=("depthwise",))
+# The CUDA ops' code paths run on the host: CPU-only, test-only. Depthwise: the fused thread
+# programs; pointwise: the GEMM block programs (or the GEMM fallback the CUDA op takes).
+define_bn_act_ops("_host_programs_", convs=("pointwise", "depthwise"))
+register_bn_act_ops("_host_programs_", convs=("pointwise", "depthwise"))
 
 
 def _load_triton_ops():

@@ -13,7 +13,13 @@ from torch import nn
 import kernels
 from kernels import _validate, functional
 
-from .common import HAS_CUDA, TOLERANCES, backend_param, skip_unless_cuda_build
+from .common import (
+    HAS_CUDA,
+    TOLERANCES,
+    backend_param,
+    misaligned_channels_last,
+    skip_unless_cuda_build,
+)
 
 FUNCTIONS = {"pointwise": kernels.pointwise_bn_act, "depthwise": kernels.depthwise_bn_act}
 
@@ -114,14 +120,25 @@ def interpreter_cases() -> list[FusedCase]:
     ]
 
 
-def run_steps(case, backend, tensors, training, activation="relu", steps=2, momentum=0.1):
+def run_steps(
+    case,
+    backend,
+    tensors,
+    training,
+    activation="relu",
+    steps=2,
+    momentum=0.1,
+    grad_dtype=None,
+    grad_mask=None,
+):
     """`steps` calls on the same running statistics, then a backward of the last output with
-    a fixed gradient. Returns (output, running_mean, running_var, grads of input, weight,
-    bn_weight, bn_bias)."""
+    a fixed gradient (its values as `grad_dtype` holds them, the output's dtype by default;
+    zero where `grad_mask` is False). Returns (output, running_mean, running_var, grads of
+    input, weight, bn_weight, bn_bias)."""
     x, w, bn_w, bn_b, rm, rv = (None if t is None else t.detach().clone() for t in tensors)
     x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else x
     params = [t.requires_grad_() for t in (x, w, bn_w, bn_b) if t is not None]
-    fn = host_programs_depthwise_bn_act if backend == "host_programs" else FUNCTIONS[case.conv]
+    fn = host_programs_bn_act(case.conv) if backend == "host_programs" else FUNCTIONS[case.conv]
     for _ in range(steps):
         out = fn(
             x,
@@ -136,46 +153,96 @@ def run_steps(case, backend, tensors, training, activation="relu", steps=2, mome
             backend=backend,
             **case.conv_args(),
         )
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grad_out = grad_out.to(grad_dtype or out.dtype).to(out)
+    if grad_mask is not None:
+        grad_out = grad_out * grad_mask
     grads = torch.autograd.grad(out, params, grad_out)
     return out, rm, rv, grads
 
 
-def host_programs_depthwise_bn_act(
-    x, w, rm, rv, bn_w, bn_b, *, training, momentum, activation, backend, stride, padding
+def host_programs_bn_act(conv):
+    """The fused op of `conv` through its test-only twin that runs the CUDA op's code path on
+    the host: depthwise, the fused thread programs (BN statistics pass, forward with the BN
+    epilogue); pointwise, the GEMM block programs (or the GEMM fallback the CUDA op takes)."""
+    op = getattr(torch.ops.depsep, f"_host_programs_{conv}_bn_act_fwd")
+
+    def fn(x, w, rm, rv, bn_w, bn_b, *, training, momentum, activation, backend, **conv_args):
+        geometry = ()
+        if conv == "depthwise":
+            g = _validate.depthwise_args(
+                "test", x, w, None, conv_args["stride"], conv_args["padding"], 1
+            )
+            geometry = (list(g.stride), list(g.padding), list(g.dilation))
+        running = (None, None) if training else (rm, rv)
+        out, mean, var = op(
+            x, w, *geometry, bn_w, bn_b, *running, training, 1e-5, activation or "none"
+        )
+        if training:
+            count = out.shape[0] * out.shape[2] * out.shape[3]
+            functional._update_running_stats(rm, rv, mean, var, momentum, count)
+        return out
+
+    return fn
+
+
+ACTIVATION_KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), None: ()}
+
+
+def far_from_kinks(z, activation, tol):
+    """Where z is farther than the tolerance from every kink of the activation."""
+    far = torch.ones_like(z, dtype=torch.bool)
+    for kink in ACTIVATION_KINKS[activation]:
+        far &= (z - kink).abs() > tol["atol"] + tol["rtol"] * abs(kink)
+    return far
+
+
+def assert_matches_reference(
+    case,
+    backend,
+    device,
+    dtype,
+    training,
+    activation,
+    affine=True,
+    float64_reference=False,
+    tol=None,
 ):
-    """depthwise_bn_act through the test-only op that runs the CUDA kernels' fused thread
-    programs (BN statistics pass, forward with the BN epilogue) on the host."""
-    g = _validate.depthwise_args("test", x, w, None, stride, padding, 1)
-    geometry = (list(g.stride), list(g.padding), list(g.dilation))
-    running = (None, None) if training else (rm, rv)
-    out, mean, var = torch.ops.depsep._host_programs_depthwise_bn_act_fwd(
-        x, w, *geometry, bn_w, bn_b, *running, training, 1e-5, activation or "none"
-    )
-    if training:
-        count = out.shape[0] * out.shape[2] * out.shape[3]
-        functional._update_running_stats(rm, rv, mean, var, momentum, count)
-    return out
-
-
-def assert_matches_reference(case, backend, device, dtype, training, activation, affine=True):
+    """`backend` against the "torch" reference in the same dtype, or with `float64_reference`
+    in float64 on the same values (input, weights and output gradient as `dtype` holds them)."""
+    tol = tol or TOLERANCES[dtype]
     tensors = case.make(device, dtype, affine)
-    got = run_steps(case, backend, tensors, training, activation)
-    want = run_steps(case, "torch", tensors, training, activation)
-    tol = TOLERANCES[dtype]
+    grad_mask = None
+    if float64_reference:
+        exact = [None if t is None else t.double() for t in tensors]
+        # Rounding can move an element across a kink of the activation and switch its gradient
+        # on or off: no output gradient where the pre-activation is within tolerance of one.
+        z = run_steps(case, "torch", exact, training, None)[0]
+        grad_mask = far_from_kinks(z, activation, tol)
+    got = run_steps(case, backend, tensors, training, activation, grad_mask=grad_mask)
+    if float64_reference:
+        tensors = exact
+    want = run_steps(
+        case, "torch", tensors, training, activation, grad_dtype=dtype, grad_mask=grad_mask
+    )
     out, want_out = got[0], want[0]
-    assert out.dtype == want_out.dtype and out.shape == want_out.shape
+    assert out.dtype == dtype and out.shape == want_out.shape
     expected_format = (
         torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     )
     if case.layout != "sliced":
         assert out.is_contiguous(memory_format=expected_format)
-    torch.testing.assert_close(out, want_out, **tol)
-    torch.testing.assert_close(got[1], want[1], **tol)
-    torch.testing.assert_close(got[2], want[2], **tol)
+
+    def close(g, w, scale=1, **kwargs):
+        kwargs = dict(atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, **kwargs)
+        torch.testing.assert_close(g.to(w.dtype), w, **kwargs)
+
+    close(out, want_out)
+    close(got[1], want[1])
+    close(got[2], want[2])
     for name, g, w in zip(("input", "weight", "bn_weight", "bn_bias"), got[3], want[3]):
         # Gradients sum over the batch: scale the tolerance with the values summed.
-        torch.testing.assert_close(g, w, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10, msg=name)
+        close(g, w, scale=10, msg=name)
 
 
 NATIVE_CPU = backend_param("native", "cpu")
@@ -216,6 +283,104 @@ def test_cuda_fused_depthwise_programs_on_host(case, dtype, training):
     writing the convolution, then the forward with the BN and activation epilogue), run for
     every thread index on the host, in every dtype; backward through the same programs."""
     assert_matches_reference(case, "host_programs", "cpu", dtype, training, "relu6")
+
+
+# Against the float64 reference, float32 through the TF32 GEMM: TF32 keeps 10 of float32's 23
+# mantissa bits, so each operand is off by up to 2**-11 of itself and the convolution output
+# y by about 2**-11 of its spread (the errors of its K products add with random signs). BN
+# divides by that spread and multiplies by gamma <= 1.5: about 2**-10 on each output element,
+# 8 x 2**-10 for the largest of some 10**4 elements and the batch statistics of the same y.
+TF32_TOLERANCE = dict(atol=8 * 2**-10, rtol=8 * 2**-10)
+
+POINTWISE_HOST_CASES = [c for c in fused_cases() if c.conv == "pointwise" and c.c_in < 1024] + [
+    # Two 64-row tiles, the second partial; K = 40, a full and a partial 32-deep step of
+    # 16-byte loads; 72 output channels, a partial second column of blocks.
+    FusedCase("pointwise", 2, 40, 72, 7, 9, "channels_last"),
+]
+
+
+def host_programs_tolerance(case, dtype):
+    """float32 in channels_last takes the TF32 GEMM programs; other layouts take ATen's GEMM."""
+    if dtype == torch.float32 and case.layout == "channels_last":
+        return TF32_TOLERANCE
+    return TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", POINTWISE_HOST_CASES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_fused_pointwise_programs_on_host(case, dtype, training):
+    """The CUDA pointwise op's code path run on the host, against the float64 reference of the
+    same values: in channels_last float16, bfloat16 and float32 (as TF32), the GEMM block
+    programs (tiles staged through shared memory, zero-filled edges, warp matrix steps, the
+    statistics and apply epilogues) for every thread and warp of every block; ATen's GEMM and
+    the BN thread programs otherwise. Backward as the CUDA op's."""
+    tol = host_programs_tolerance(case, dtype)
+    assert_matches_reference(
+        case, "host_programs", "cpu", dtype, training, "relu6", float64_reference=True, tol=tol
+    )
+
+
+HOST_PROGRAMS_POINTWISE_FWD = torch.ops.depsep._host_programs_pointwise_bn_act_fwd
+TF32_CASE = FusedCase("pointwise", 2, 40, 24, 5, 7, "channels_last")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pointwise_programs_misaligned_input_loads_elements(dtype, training):
+    """An input off a 16-byte boundary: the GEMM programs load it element by element (the host
+    run throws on a misaligned vector access), to the same bits as the 16-byte loads."""
+    x, w, bn_w, bn_b, rm, rv = TF32_CASE.make(dtype=dtype)
+    running = (None, None) if training else (rm, rv)
+    args = (w, bn_w, bn_b, *running, training, 1e-5, "relu")
+    got = HOST_PROGRAMS_POINTWISE_FWD(misaligned_channels_last(x), *args)
+    want = HOST_PROGRAMS_POINTWISE_FWD(x, *args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def _bn_reference(x, w, bn_w, bn_b):
+    return F.batch_norm(
+        F.conv2d(x.double(), w.double()), None, None, bn_w.double(), bn_b.double(), True
+    )
+
+
+def test_pointwise_programs_statistics_blocks_of_several_tiles():
+    """Past 1024 row tiles a statistics block reduces several tiles and merges their moments:
+    66049 rows, blocks of two 64-row tiles, the last block one partial tile. float16 products
+    are exact and sum in float32: the batch statistics are float32-accurate."""
+    case = FusedCase("pointwise", 1, 8, 8, 257, 257, "channels_last")
+    x, w, bn_w, bn_b, _, _ = case.make(dtype=torch.float16)
+    _, mean, var = HOST_PROGRAMS_POINTWISE_FWD(x, w, bn_w, bn_b, None, None, True, 1e-5, "none")
+    y = x.permute(0, 2, 3, 1).reshape(-1, case.c_in).double() @ w.flatten(1).double().t()
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(mean.double(), y.mean(0), **tol)
+    torch.testing.assert_close(var.double(), y.var(0, unbiased=False), **tol)
+
+
+def _tf32_ties(t):
+    """Values halfway between two neighbouring TF32 numbers, the neighbour away from zero and
+    the one towards zero."""
+    toward = t.view(torch.int32) & ~0x1FFF
+    tie = toward | 0x1000
+    away = toward + 0x2000
+    return tuple(b.view(torch.float32) for b in (tie, away, toward))
+
+
+def test_pointwise_programs_round_float32_to_tf32_ties_away():
+    """float32 runs as TF32 in channels_last: an operand halfway between two TF32 numbers
+    rounds to the one away from zero, as cvt.rna.tf32.f32 does. The products are then exact, so
+    the output matches the float64 reference of those operands to float32 accumulation, and
+    misses the reference of the other neighbours."""
+    x, w, bn_w, bn_b, _, _ = TF32_CASE.make()
+    (x, x_away, x_toward), (w, w_away, w_toward) = _tf32_ties(x), _tf32_ties(w)
+    out, _, _ = HOST_PROGRAMS_POINTWISE_FWD(x, w, bn_w, bn_b, None, None, True, 1e-5, "none")
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double(), _bn_reference(x_away, w_away, bn_w, bn_b), **tol)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(
+            out.double(), _bn_reference(x_toward, w_toward, bn_w, bn_b), **tol
+        )
 
 
 @pytest.mark.parametrize("backend, device", [backend_param("triton", "cpu")])

@@ -1,18 +1,22 @@
 // CPU kernels of the native fused ops: ATen's GEMM (pointwise) or the depthwise CPU loops for
 // the convolution, the BN thread programs on the host for the rest; and
-// depsep::_host_programs_depthwise_bn_act_*, which run the CUDA kernels' fused thread programs
-// on the host so that tests execute them.
+// depsep::_host_programs_{depthwise,pointwise}_bn_act_*, which run the CUDA ops' code paths
+// (the fused depthwise thread programs; the GEMM block programs or the GEMM fallback) on the
+// host so that tests execute them.
 #include <torch/library.h>
 
 #include "common/cpu_launcher.h"
+#include "common/host_block_launcher.h"
 #include "depthwise/depthwise_cpu.h"
 #include "fused/bn_act_ops.h"
+#include "fused/pointwise_gemm_ops.h"
 
 TORCH_LIBRARY_IMPL(depsep, CPU, m) {
   using depsep::CpuLauncher;
   using Loops = depsep::DepthwiseConv<depsep::CpuLoopsCompute>;
   using Programs = depsep::DepthwiseFusedConv<CpuLauncher>;
   using Gemm = depsep::PointwiseConv;
+  using GemmPrograms = depsep::PointwiseFusedConv<CpuLauncher, depsep::HostBlockLauncher>;
   m.impl("pointwise_bn_act_fwd", &depsep::pointwise_bn_act_fwd<CpuLauncher, Gemm>);
   m.impl("pointwise_bn_act_bwd", &depsep::pointwise_bn_act_bwd<CpuLauncher, Gemm>);
   m.impl("depthwise_bn_act_fwd", &depsep::depthwise_bn_act_fwd<CpuLauncher, Loops>);
@@ -21,4 +25,8 @@ TORCH_LIBRARY_IMPL(depsep, CPU, m) {
          &depsep::depthwise_bn_act_fwd<CpuLauncher, Programs>);
   m.impl("_host_programs_depthwise_bn_act_bwd",
          &depsep::depthwise_bn_act_bwd<CpuLauncher, Programs>);
+  m.impl("_host_programs_pointwise_bn_act_fwd",
+         &depsep::pointwise_bn_act_fwd<CpuLauncher, GemmPrograms>);
+  m.impl("_host_programs_pointwise_bn_act_bwd",
+         &depsep::pointwise_bn_act_bwd<CpuLauncher, GemmPrograms>);
 }

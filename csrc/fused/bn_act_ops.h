@@ -378,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
   TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
               "depsep: weight must match the input's dtype and device");
   const typename Launcher::DeviceGuard guard(input.device());
-  const int64_t C = Conv::kFusesBn ? input.size(1) : weight.size(0);
+  const int64_t C = weight.size(0);  // output channels: C_out for 1x1, C for depthwise
   const at::Tensor rm = bn_channel_vector(running_mean, "running_mean", C, input);
   const at::Tensor rv = bn_channel_vector(running_var, "running_var", C, input);
   TORCH_CHECK(training || (rm.defined() && rv.defined()),
