@@ -383,6 +383,32 @@ def test_pointwise_programs_round_float32_to_tf32_ties_away():
         )
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cudnn, "conv"), reason="torch before 2.9 has no per-op TF32 flag"
+)
+def test_pointwise_programs_follow_the_conv_tf32_flag():
+    """float32 channels_last runs as TF32 while convolutions may (the default): it misses the
+    float64 reference by more than float32 rounding. With torch.backends.cudnn.conv.fp32_precision
+    = "ieee" (after which asking cuDNN's TF32 flag without an operator raises) the CUDA op takes
+    ATen's GEMM and the BN thread programs: within float32 rounding."""
+    x, w, bn_w, bn_b, _, _ = TF32_CASE.make()
+    want = _bn_reference(x, w, bn_w, bn_b)
+    tol = TOLERANCES[torch.float32]
+
+    def output():
+        out, _, _ = HOST_PROGRAMS_POINTWISE_FWD(x, w, bn_w, bn_b, None, None, True, 1e-5, "none")
+        return out.double()
+
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(output(), want, **tol)
+    previous = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        torch.testing.assert_close(output(), want, **tol)
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = previous
+
+
 @pytest.mark.parametrize("backend, device", [backend_param("triton", "cpu")])
 @pytest.mark.parametrize("case", interpreter_cases(), ids=str)
 @pytest.mark.parametrize(

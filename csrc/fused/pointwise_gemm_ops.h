@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <tuple>
@@ -15,6 +16,20 @@
 #include "fused/pointwise_gemm_programs.h"
 
 namespace depsep {
+
+// Whether float32 convolutions may run in TF32: torch.backends.cudnn.conv.fp32_precision
+// ("tf32" by default), torch.backends.cudnn.allow_tf32 before torch 2.9. The query without an
+// operator raises once conv and RNN precisions differ, so it is not used where the per-op one
+// exists.
+inline bool conv_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().allowTF32CuDNN("conv");
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
 
 // The GEMM block programs in channels_last for float16, bfloat16, and float32 when TF32 is
 // allowed for convolutions (as for the cuDNN reference); ATen's GEMM and the BN thread programs
@@ -28,8 +43,8 @@ struct PointwiseFusedConv : PointwiseConv {
       const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var,
       bool training, double eps, int32_t act) const {
     const auto dtype = input.scalar_type();
-    const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16 ||
-                              (dtype == at::kFloat && at::globalContext().allowTF32CuDNN());
+    const bool tensor_cores =
+        dtype == at::kHalf || dtype == at::kBFloat16 || (dtype == at::kFloat && conv_allows_tf32());
     if (!tensor_cores || !channels_last(input)) {
       at::Tensor y = forward(input, weight);
       TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
