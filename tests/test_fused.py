@@ -306,7 +306,9 @@ def host_programs_tolerance(case, dtype):
     return TOLERANCES[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
 @pytest.mark.parametrize("case", POINTWISE_HOST_CASES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cuda_fused_pointwise_programs_on_host(case, dtype, training):
@@ -335,8 +337,8 @@ def test_pointwise_programs_misaligned_input_loads_elements(dtype, training):
     args = (w, bn_w, bn_b, *running, training, 1e-5, "relu")
     got = HOST_PROGRAMS_POINTWISE_FWD(misaligned_channels_last(x), *args)
     want = HOST_PROGRAMS_POINTWISE_FWD(x, *args)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
 
 
 def _bn_reference(x, w, bn_w, bn_b):
