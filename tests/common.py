@@ -233,6 +233,17 @@ def interpreter_cases() -> list[DepthwiseCase]:
     ]
 
 
+def misaligned_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a channels_last tensor whose data starts one element past a 16-byte
+    boundary: contiguous, so no copy realigns it."""
+    n, c, h, w = x.shape
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    view = storage[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    view.copy_(x)
+    assert view.is_contiguous(memory_format=torch.channels_last) and view.data_ptr() % 16 != 0
+    return view
+
+
 def skip_unless_cuda_build():
     """CI compiles the CUDA sources whenever torch is a CUDA build and nvcc is there."""
     return torch.version.cuda is None or os.environ.get("DEPSEP_SKIP_CUDA_BUILD") == "1"

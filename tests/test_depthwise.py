@@ -17,6 +17,7 @@ from .common import (
     backend_params,
     depthwise_cases,
     interpreter_cases,
+    misaligned_channels_last,
     ops,
 )
 
@@ -100,17 +101,6 @@ def test_cuda_thread_programs_on_host(case, dtype):
     assert_matches_reference(case, "host_programs", dtype=dtype)
 
 
-def _misaligned_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """The same values in a channels_last tensor whose data starts one element past a 16-byte
-    boundary: contiguous, so no copy realigns it."""
-    n, c, h, w = x.shape
-    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
-    view = storage[1:].view(n, h, w, c).permute(0, 3, 1, 2)
-    view.copy_(x)
-    assert view.is_contiguous(memory_format=torch.channels_last) and view.data_ptr() % 16 != 0
-    return view
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["host_programs", "native"])
 def test_misaligned_views_take_the_scalar_programs(backend, dtype):
@@ -118,14 +108,14 @@ def test_misaligned_views_take_the_scalar_programs(backend, dtype):
     thread (the host run throws on any misaligned vector access), results still exact."""
     case = DepthwiseCase(2, 16, 7, 6, (3, 3), 1, 1, 1, True, "channels_last")
     x, w, b = case.make(dtype=dtype)
-    x_odd = _misaligned_channels_last(x).requires_grad_()
+    x_odd = misaligned_channels_last(x).requires_grad_()
     x = x.detach().requires_grad_()
     padding = [1, 1, 1, 1]
     fwd = ops(backend).depthwise_conv2d_fwd
     out = fwd(x_odd, w, b, [1, 1], padding, [1, 1])
     want = fwd(x, w, b, [1, 1], padding, [1, 1])
     torch.testing.assert_close(out, want, atol=0, rtol=0)
-    grad = _misaligned_channels_last(torch.randn_like(want))
+    grad = misaligned_channels_last(torch.randn_like(want))
     bwd_input = ops(backend).depthwise_conv2d_bwd_input(
         grad, w, list(x.shape), [1, 1], padding, [1, 1]
     )

@@ -20,6 +20,7 @@ from .common import (
     assert_close_to_exact,
     backend_param,
     float32_precision,
+    misaligned_channels_last,
     ops,
     skip_unless_cuda_build,
 )
@@ -228,6 +229,132 @@ def test_cuda_fused_depthwise_programs_on_host(case, dtype, training):
     writing the convolution, then the forward with the BN and activation epilogue), run for
     every thread index on the host, in every dtype; backward through the same programs."""
     assert_matches_reference(case, "host_programs", "cpu", dtype, training, "relu6")
+
+
+POINTWISE_HOST_CASES = [c for c in fused_cases() if c.conv == "pointwise" and c.c_in < 1024] + [
+    # Two 64-row tiles, the second partial; K = 40, a full and a partial 32-deep step of
+    # 16-byte loads; 72 output channels, a partial second column of blocks.
+    FusedCase("pointwise", 2, 40, 72, 7, 9, "channels_last"),
+]
+
+
+def host_programs_precision(case, dtype):
+    """(float32 precision, accuracy): float32 in channels_last takes the TF32 GEMM programs
+    where TF32 is allowed (cuDNN's default); other layouts and dtypes take ATen's GEMM or are
+    judged by their own accuracy."""
+    if dtype == torch.float32 and case.layout == "channels_last":
+        return "tf32", TF32_ACCURACY
+    return "ieee", ACCURACY[dtype]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+@pytest.mark.parametrize("case", POINTWISE_HOST_CASES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_fused_pointwise_programs_on_host(case, dtype, training):
+    """The CUDA pointwise op's code path run on the host, against the float64 reference of the
+    same values: in channels_last float16, bfloat16 and float32 (as TF32), the GEMM block
+    programs (tiles staged through shared memory, zero-filled edges, warp matrix steps, the
+    statistics and apply epilogues) for every thread and warp of every block; ATen's GEMM and
+    the BN thread programs otherwise. Backward as the CUDA op's."""
+    precision, accuracy = host_programs_precision(case, dtype)
+    with float32_precision(precision):
+        assert_matches_reference(
+            case, "host_programs", "cpu", dtype, training, "relu6", accuracy=accuracy
+        )
+
+
+HOST_PROGRAMS_POINTWISE_FWD = ops("host_programs").pointwise_bn_act_fwd
+TF32_CASE = FusedCase("pointwise", 2, 40, 24, 5, 7, "channels_last")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pointwise_programs_misaligned_input_loads_elements(dtype, training):
+    """An input off a 16-byte boundary: the GEMM programs load it element by element (the host
+    run throws on a misaligned vector access), to the same bits as the 16-byte loads."""
+    x, w, bn_w, bn_b, rm, rv = TF32_CASE.make(dtype=dtype)
+    args = (w, bn_w, bn_b, rm, rv, None, training, 0.1, 1e-5, "relu")
+    with float32_precision("tf32"):
+        got = HOST_PROGRAMS_POINTWISE_FWD(misaligned_channels_last(x), *args)
+        want = HOST_PROGRAMS_POINTWISE_FWD(x, *args)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+def _bn_reference(x, w, bn_w, bn_b):
+    return F.batch_norm(
+        F.conv2d(x.double(), w.double()), None, None, bn_w.double(), bn_b.double(), True
+    )
+
+
+def test_pointwise_programs_statistics_blocks_of_several_tiles():
+    """Past 1024 row tiles a statistics block reduces several tiles and merges their moments:
+    66049 rows, blocks of two 64-row tiles, the last block one partial tile. float16 products
+    are exact and sum in float32: the batch statistics are float32-accurate."""
+    case = FusedCase("pointwise", 1, 8, 8, 257, 257, "channels_last")
+    x, w, bn_w, bn_b, _, _ = case.make(dtype=torch.float16)
+    _, (mean, var) = HOST_PROGRAMS_POINTWISE_FWD(
+        x, w, bn_w, bn_b, None, None, None, True, 0.1, 1e-5, "none"
+    )
+    y = x.permute(0, 2, 3, 1).reshape(-1, case.c_in).double() @ w.flatten(1).double().t()
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(mean.double(), y.mean(0), **tol)
+    torch.testing.assert_close(var.double(), y.var(0, unbiased=False), **tol)
+
+
+def _tf32_ties(t):
+    """Values halfway between two neighbouring TF32 numbers, the neighbour away from zero and
+    the one towards zero."""
+    toward = t.view(torch.int32) & ~0x1FFF
+    tie = toward | 0x1000
+    away = toward + 0x2000
+    return tuple(b.view(torch.float32) for b in (tie, away, toward))
+
+
+def test_pointwise_programs_round_float32_to_tf32_ties_away():
+    """float32 runs as TF32 in channels_last: an operand halfway between two TF32 numbers
+    rounds to the one away from zero, as cvt.rna.tf32.f32 does. The products are then exact, so
+    the output matches the float64 reference of those operands to float32 accumulation, and
+    misses the reference of the other neighbours."""
+    x, w, bn_w, bn_b, _, _ = TF32_CASE.make()
+    (x, x_away, x_toward), (w, w_away, w_toward) = _tf32_ties(x), _tf32_ties(w)
+    with float32_precision("tf32"):
+        out, _ = HOST_PROGRAMS_POINTWISE_FWD(
+            x, w, bn_w, bn_b, None, None, None, True, 0.1, 1e-5, "none"
+        )
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double(), _bn_reference(x_away, w_away, bn_w, bn_b), **tol)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(
+            out.double(), _bn_reference(x_toward, w_toward, bn_w, bn_b), **tol
+        )
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cudnn, "conv"), reason="torch before 2.9 has no per-op TF32 flag"
+)
+def test_pointwise_programs_follow_the_conv_tf32_flag():
+    """float32 channels_last runs as TF32 while convolutions may (cuDNN's default): it misses
+    the float64 reference by more than float32 rounding. With
+    torch.backends.cudnn.conv.fp32_precision = "ieee" (after which asking cuDNN's TF32 flag
+    without an operator raises) the CUDA op takes ATen's GEMM and the BN thread programs:
+    within float32 rounding."""
+    x, w, bn_w, bn_b, _, _ = TF32_CASE.make()
+    want = _bn_reference(x, w, bn_w, bn_b)
+    tol = TOLERANCES[torch.float32]
+
+    def output():
+        out, _ = HOST_PROGRAMS_POINTWISE_FWD(
+            x, w, bn_w, bn_b, None, None, None, True, 0.1, 1e-5, "none"
+        )
+        return out.double()
+
+    with float32_precision("tf32"), pytest.raises(AssertionError):
+        torch.testing.assert_close(output(), want, **tol)
+    with float32_precision("ieee"):
+        torch.testing.assert_close(output(), want, **tol)
 
 
 @pytest.mark.parametrize("backend, device", [backend_param("triton", "cpu")])

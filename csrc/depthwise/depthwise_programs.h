@@ -14,11 +14,11 @@
 #pragma once
 
 #include <cstdint>
-#include <stdexcept>
 
 #include "common/activation.h"
 #include "common/host_device.h"
 #include "common/moments.h"
+#include "common/vector_access.h"
 #include "depthwise_geometry.h"
 
 namespace depsep {
@@ -30,48 +30,6 @@ DEPSEP_HD int64_t dw_offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t 
 }
 
 DEPSEP_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// VEC consecutive elements moved as one access: 16 bytes (one LDG.128/STG.128) when the
-// vector fills them. A vector access needs a 16-byte aligned address; dw_plan only picks the
-// vector programs when every base pointer is aligned and C is a multiple of VEC, and the host
-// run checks each address, so a test run proves the GPU's vector accesses are aligned.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) DwVector {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-DEPSEP_HD void dw_check_aligned(const T* p) {
-#if !defined(__CUDA_ARCH__)
-  if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * VEC) != 0)
-    throw std::runtime_error("depsep: misaligned vector access in a depthwise thread program");
-#else
-  (void)p;
-#endif
-}
-
-template <typename T, int VEC>
-DEPSEP_HD void dw_load(const T* p, T (&out)[VEC]) {
-  if constexpr (VEC > 1) {
-    dw_check_aligned<T, VEC>(p);
-    const DwVector<T, VEC> r = *reinterpret_cast<const DwVector<T, VEC>*>(p);
-    for (int v = 0; v < VEC; ++v) out[v] = r.v[v];
-  } else {
-    out[0] = p[0];
-  }
-}
-
-template <typename T, int VEC>
-DEPSEP_HD void dw_store(T* p, const T (&in)[VEC]) {
-  if constexpr (VEC > 1) {
-    dw_check_aligned<T, VEC>(p);
-    DwVector<T, VEC> r;
-    for (int v = 0; v < VEC; ++v) r.v[v] = in[v];
-    *reinterpret_cast<DwVector<T, VEC>*>(p) = r;
-  } else {
-    p[0] = in[0];
-  }
-}
 
 // One tile of output (or input-gradient) elements: VEC channels from c0, one row, STRIP
 // columns from col0. In channels_last the channel vector is the fastest-moving index so that
@@ -135,12 +93,12 @@ DEPSEP_HD void dw_forward_taps(const T* input, const T* weight, const DwGeometry
     if (ih < 0 || ih >= g.H) continue;
     for (int kw = 0; kw < kw_n; ++kw) {
       T wv[VEC];
-      dw_load<T, VEC>(weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + c0, wv);
+      vector_load<T, VEC>(weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + c0, wv);
       for (int j = 0; j < STRIP; ++j) {
         const int64_t iw = (col0 + j) * g.sW - g.padL + static_cast<int64_t>(kw) * g.dW;
         if (j >= strip_n || iw < 0 || iw >= g.W) continue;
         T x[VEC];
-        dw_load<T, VEC>(input + dw_offset<ChannelsLast>(n, c0, ih, iw, g.C, g.H, g.W), x);
+        vector_load<T, VEC>(input + dw_offset<ChannelsLast>(n, c0, ih, iw, g.C, g.H, g.W), x);
         for (int v = 0; v < VEC; ++v) acc[j][v] += static_cast<Acc>(x[v]) * static_cast<Acc>(wv[v]);
       }
     }
@@ -177,7 +135,7 @@ struct DwForwardProgram {
           r = bn_activate(a.bn_scale[t.c0 + v] * r + a.bn_shift[t.c0 + v], a.act);
         out[v] = static_cast<T>(r);
       }
-      dw_store<T, VEC>(
+      vector_store<T, VEC>(
           a.output + dw_offset<ChannelsLast>(t.n, t.c0, t.row, t.col0 + j, g.C, g.OH, g.OW), out);
     }
   }
@@ -217,13 +175,13 @@ struct DwInputGradProgram {
       const int64_t oh = th / g.sH;
       for (int kw = 0; kw < kw_n; ++kw) {
         T wv[VEC];
-        dw_load<T, VEC>(a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0, wv);
+        vector_load<T, VEC>(a.weight + static_cast<int64_t>(kh * kw_n + kw) * g.C + t.c0, wv);
         for (int j = 0; j < STRIP; ++j) {
           const int64_t tw = t.col0 + j + g.padL - static_cast<int64_t>(kw) * g.dW;
           if (j >= strip_n || tw < 0 || tw % g.sW != 0 || tw / g.sW >= g.OW) continue;
           const int64_t ow = tw / g.sW;
           T go[VEC];
-          dw_load<T, VEC>(
+          vector_load<T, VEC>(
               a.grad_output + dw_offset<ChannelsLast>(t.n, t.c0, oh, ow, g.C, g.OH, g.OW), go);
           for (int v = 0; v < VEC; ++v)
             acc[j][v] += static_cast<Acc>(go[v]) * static_cast<Acc>(wv[v]);
@@ -233,7 +191,7 @@ struct DwInputGradProgram {
     for (int j = 0; j < strip_n; ++j) {
       T out[VEC];
       for (int v = 0; v < VEC; ++v) out[v] = static_cast<T>(acc[j][v]);
-      dw_store<T, VEC>(
+      vector_store<T, VEC>(
           a.grad_input + dw_offset<ChannelsLast>(t.n, t.c0, t.row, t.col0 + j, g.C, g.H, g.W), out);
     }
   }
@@ -305,13 +263,13 @@ struct DwWeightGradPartialProgram {
           const int64_t iw = ow * g.sW - g.padL + kw * g.dW;
           if (!is_bias && (iw < 0 || iw >= g.W)) continue;
           T go[VEC];
-          dw_load<T, VEC>(a.grad_output + dw_offset<ChannelsLast>(n, c0, oh, ow, g.C, g.OH, g.OW),
-                          go);
+          vector_load<T, VEC>(
+              a.grad_output + dw_offset<ChannelsLast>(n, c0, oh, ow, g.C, g.OH, g.OW), go);
           if (is_bias) {
             for (int v = 0; v < VEC; ++v) acc[v] += static_cast<Acc>(go[v]);
           } else {
             T x[VEC];
-            dw_load<T, VEC>(a.input + dw_offset<ChannelsLast>(n, c0, ih, iw, g.C, g.H, g.W), x);
+            vector_load<T, VEC>(a.input + dw_offset<ChannelsLast>(n, c0, ih, iw, g.C, g.H, g.W), x);
             for (int v = 0; v < VEC; ++v)
               acc[v] += static_cast<Acc>(go[v]) * static_cast<Acc>(x[v]);
           }
