@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import kernels
 from kernels.reference import apply_activation
 
+from . import reference
 from ._sync_batch_norm import sync_batch_norm
 
 # The activation modules the fused ops apply, by exact type (a subclass may compute something
@@ -360,36 +361,17 @@ class DepthwiseConv2d(nn.Conv2d):
         )
 
 
-class DepSepConv(nn.Module):
-    """The reference block (mobilenet.reference.DepSepConv) with the fused ops:
-    `depthwise` (3x3 depthwise conv + BN + ReLU) then `pointwise` (1x1 conv + BN + ReLU), each a
-    ConvBNAct. Same constructor, submodules, state_dict keys and parameter initialisation (the
-    modules are created in the reference's order) as the reference block."""
+class DepSepConv(reference.DepSepConv):
+    """The reference depthwise-separable block (mobilenet.reference.DepSepConv: 3x3 depthwise
+    conv + BN + ReLU, then 1x1 conv + BN + ReLU) with each half computed by one fused op.
+
+    Built as the reference block, then each half (an nn.Sequential of conv, BN and ReLU) becomes
+    a ConvBNAct of the very same modules: same constructor, submodules, state_dict keys and
+    parameter initialisation as the reference."""
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int = 1, *, backend: str | None = None
     ):
-        super().__init__()
-        self.depthwise = ConvBNAct(
-            nn.Conv2d(
-                in_channels,
-                in_channels,
-                3,
-                stride=stride,
-                padding=1,
-                groups=in_channels,
-                bias=False,
-            ),
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
-            backend=backend,
-        )
-        self.pointwise = ConvBNAct(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-            backend=backend,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise(self.depthwise(x))
+        super().__init__(in_channels, out_channels, stride)
+        self.depthwise = ConvBNAct(*self.depthwise, backend=backend)
+        self.pointwise = ConvBNAct(*self.pointwise, backend=backend)
