@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels._common import KERNEL_ACTIVATIONS
 from kernels.reference import apply_activation
 
 from . import reference
@@ -160,6 +161,17 @@ def _sync_process_group(bn: nn.Module, sync_bn: bool):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def _kernels_apply(activation: str, backend: str | None) -> bool:
+    """Whether the fused ops apply `activation` themselves on `backend` (None: whichever auto
+    picks, so every compiled backend must)."""
+    if backend == "torch":
+        return True
+    names = KERNEL_ACTIVATIONS if backend is None else (backend,)
+    return all(
+        activation in KERNEL_ACTIVATIONS[name] for name in names if name in KERNEL_ACTIVATIONS
+    )
+
+
 def run_fused(
     input: Tensor,
     conv: nn.Conv2d,
@@ -171,7 +183,8 @@ def run_fused(
 ) -> Tensor:
     """act(bn(conv(input))) of a fusable run (see fusable_run) by one fused op, exactly as the
     modules compute it: BatchNorm's settings as batch_norm_arguments reads them, the activation
-    act's or, for timm's BatchNormAct2d, bn's own.
+    act's or, for timm's BatchNormAct2d, bn's own. An activation whose kernels the backend lacks
+    so far (kernels._common.KERNEL_ACTIVATIONS) follows the fused conv + BN as a PyTorch op.
 
     With `sync_bn`, or when bn is an nn.SyncBatchNorm, training under torch.distributed takes
     the batch statistics over every process of the group, as nn.SyncBatchNorm does: the conv,
@@ -193,21 +206,24 @@ def run_fused(
         y = sync_batch_norm(y, **bn_args, process_group=group)
         return apply_activation(y, activation)
 
-    activation = None if activation == "none" else activation
+    fused = activation if _kernels_apply(activation, backend) else "none"
+    fused_activation = None if fused == "none" else fused
     if kind == "pointwise":
-        return kernels.pointwise_bn_act(
-            input, conv.weight, **bn_args, activation=activation, backend=backend
+        y = kernels.pointwise_bn_act(
+            input, conv.weight, **bn_args, activation=fused_activation, backend=backend
         )
-    return kernels.depthwise_bn_act(
-        input,
-        conv.weight,
-        **bn_args,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        activation=activation,
-        backend=backend,
-    )
+    else:
+        y = kernels.depthwise_bn_act(
+            input,
+            conv.weight,
+            **bn_args,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            activation=fused_activation,
+            backend=backend,
+        )
+    return y if fused == activation else apply_activation(y, activation)
 
 
 def find_runs(owner: nn.Module, names: Sequence[str], filter_fn=None, prefix: str = "") -> dict:

@@ -7,6 +7,7 @@ import copy
 import os
 import sys
 import time
+import unittest.mock
 
 import pytest
 import torch
@@ -16,18 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import kernels
 import mobilenet
-from kernels._common import ACTIVATION_CODES
+from kernels._common import ACTIVATION_CODES, KERNEL_ACTIVATIONS
 from mobilenet import ConvBNAct, DepthwiseConv2d, FusedSequential, convert, reference, revert
 from mobilenet.layers import activation_op
 
+from .common import backend_params
 from .test_mobilenet import (  # noqa: F401  (one_thread: an autouse fixture, here too)
     MODEL_BACKENDS,
     MODEL_INPUT,
     NATIVE,
     assert_same_training,
     count_fused_calls,
-    for_activation,
     one_thread,
     sample,
 )
@@ -308,18 +310,19 @@ ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish":
 
 
 def activation_cases(backends, names=tuple(ACTIVATIONS)):
-    """(backend, activation name) params: each activation on the backends that compute it."""
+    """(backend, activation name) params: each activation on each backend."""
     return [
         pytest.param(backend.values[0], name, marks=backend.marks, id=f"{backend.id}-{name}")
         for name in names
-        for backend in for_activation(backends, name)
+        for backend in backends
     ]
 
 
 @pytest.mark.parametrize("backend,activation", activation_cases(MODEL_BACKENDS))
 def test_conv_norm_activation_runs_of_every_activation(backend, activation):
     """torchvision's Conv2dNormActivation pattern (1x1 expansion, depthwise, projection) with each
-    activation: the activation is fused with its conv and BN."""
+    activation: the activation is fused with its conv and BN, and applied by the fused op where
+    the backend's kernels compute it (else right after it)."""
     torch.manual_seed(0)
     act = ACTIVATIONS[activation]
     model = nn.Sequential(
@@ -331,9 +334,38 @@ def test_conv_norm_activation_runs_of_every_activation(backend, activation):
     fast = convert(copy.deepcopy(model), backend=backend)
     assert type(fast[0]) is ConvBNAct and fast[0].fused_runs == {"0": ("0", "1", "2")}
     assert type(fast[1]) is ConvBNAct and fast.fused_runs == {"2": ("2", "3")}
+    seen = []
     with count_fused_calls() as calls:
-        assert_same_training(model, fast, sample((2, 4, 7, 6)), steps=2)
+        counted = kernels.pointwise_bn_act
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs["activation"])
+            return counted(*args, **kwargs)
+
+        with unittest.mock.patch.object(kernels, "pointwise_bn_act", spy):
+            assert_same_training(model, fast, sample((2, 4, 7, 6)), steps=2)
     assert calls == {("pointwise_bn_act", backend): 6, ("depthwise_bn_act", backend): 3}
+    kernels_apply = backend == "torch" or activation in KERNEL_ACTIVATIONS[backend]
+    assert seen == [activation if kernels_apply else None, None] * 3
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_kernel_activations_list_what_the_kernels_compute(backend):
+    """KERNEL_ACTIVATIONS, which tells the layers where to apply an activation after the fused op
+    instead: each activation listed for a backend its kernels compute; the others they do not
+    yet (an error, or not that activation), and once they do, the list must name them."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 4, 2, 2, generator=gen), torch.randn(6, 4, 1, 1, generator=gen)
+    stats = (torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5, None, None)
+    for name in ACTIVATION_CODES:
+        options = dict(training=False, activation=None if name == "none" else name)
+        want = kernels.pointwise_bn_act(x, w, *stats, **options, backend="torch")
+        try:
+            got = kernels.pointwise_bn_act(x, w, *stats, **options, backend=backend)
+        except (RuntimeError, ValueError):
+            got = None
+        computes = got is not None and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert computes == (name in KERNEL_ACTIVATIONS[backend]), (backend, name)
 
 
 def batch_norm_act(channels, act=nn.ReLU, **kwargs):

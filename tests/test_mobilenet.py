@@ -24,19 +24,6 @@ NATIVE, TRITON = backend_params("cpu")
 # Whole-model tests skip Triton: the interpreter runs each program instance in Python.
 CPU_BACKENDS = [TORCH, NATIVE, TRITON]
 MODEL_BACKENDS = [TORCH, NATIVE]
-# The backends whose kernels compute the activations "silu" and "hardswish": so far the torch
-# reference only (the native and Triton kernels for them are being written). Add a backend's
-# name here when its kernels land, and every test of those activations runs it too.
-SWISH_BACKEND_NAMES = ("torch",)
-
-
-def for_activation(backends: list, activation: str | None) -> list:
-    """Those of `backends` (pytest params) whose kernels compute `activation` (an op name)."""
-    if activation not in ("silu", "hardswish"):
-        return list(backends)
-    return [backend for backend in backends if backend.values[0] in SWISH_BACKEND_NAMES]
-
-
 # Whole-model input. Training-mode BatchNorm over few values per channel amplifies rounding
 # through the 27 layers: at 32x32 the last blocks normalise 2 values per channel and the
 # reference's own float32 outputs are ~1e-3 off float64; at 64x64, ~1e-5 (gradients ~1e-4 of
