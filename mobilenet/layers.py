@@ -326,9 +326,9 @@ class ConvBNAct(FusedSequential):
         if not fusable_run(conv, bn, act):
             raise ValueError(
                 "ConvBNAct: expected a 1x1 or depthwise nn.Conv2d without bias and without "
-                f"hooks, an {_type_names(_BATCH_NORMS)} or timm BatchNormAct2d (with an "
-                f"activation below and no act), and one of {_type_names(_ACTIVATIONS)} or None "
-                f"as act; got {conv!r}, {bn!r}, {act!r}"
+                f"hooks; as bn an {_type_names(_BATCH_NORMS)} with act one of "
+                f"{_type_names(_ACTIVATIONS)} or None, or a timm BatchNormAct2d whose own act is "
+                f"one of those, with act None; got {conv!r}, {bn!r}, {act!r}"
             )
         modules = (m for m in (conv, bn, act) if m is not None)
         super().__init__(*modules, backend=backend, sync_bn=sync_bn)
