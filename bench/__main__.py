@@ -117,8 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmarks of the depsep kernels against PyTorch eager and torch.compile on "
-        "MobileNet V1: its layers, its DepSepConv blocks and the whole model. Without options: "
-        "the default suite of the device (see bench/__main__.py DEFAULT_PLANS).",
+        "MobileNet V1: its layers, its DepSepConv blocks and the whole model (or, with --model, "
+        "other networks converted by mobilenet.convert). Without options: the default suite of "
+        "the device (see bench/__main__.py DEFAULT_PLANS).",
     )
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     parser.add_argument(
@@ -153,6 +154,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "all depthwise layers and the subset for the fused ops and blocks)",
     )
     parser.add_argument("--batch", type=int, help="default: 128 on CUDA; 8 on CPU (model: 2)")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        metavar="NAME",
+        help="the networks of --ops model: mobilenet_v1 (the default), timm:<model> or "
+        "torchvision:<model> (random weights; converted by mobilenet.convert)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="input image side of --ops model (default: 224; --quick: 64)",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -265,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     work = []  # (op, case, backends), cases in table order
     for name in args.ops:
         op, plan = OPS[name], DEFAULT_PLANS[device.type][name]
+        if op is model.OP:
+            try:
+                op = model.with_models(op, args.model, args.resolution, args.quick)
+            except ValueError as error:
+                sys.exit(str(error))
         layers = "quick" if args.quick else args.layers or plan.layers
         modes = args.modes or (op.modes if args.quick else plan.modes)
         layouts = args.layouts or (LAYOUTS if args.quick else plan.layouts)
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         copy_timing=copy_timing,
         results=tuple(results),
         baselines={op.name: (REFERENCE, *op.baselines) for op in OPS.values()},
-        whole_ops=frozenset(op.name for op in OPS.values() if len(op.layers) == 1),
+        whole_ops=frozenset(op.name for op in OPS.values() if op.whole_network),
     )
     print_tables(run)
     default_out = Path(__file__).parent / "results" / f"{date.today().isoformat()}-{device.type}"

@@ -49,15 +49,17 @@ def autocast_for(case: Case, device: torch.device):
 
 
 def seeded_module(build, case: Case, device: torch.device) -> nn.Module:
-    """A module built with a fixed seed and random BatchNorm affine terms and statistics (the
-    defaults, 1 and 0, would hide a wrong use of them), on the device in the case's layout."""
+    """A module built with a fixed seed and random BatchNorm affine terms and statistics, where
+    it has them (the defaults, 1 and 0, would hide a wrong use of them), on the device in the
+    case's layout."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = build()
         for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
+            if isinstance(bn, nn.BatchNorm2d) and bn.affine:
                 nn.init.normal_(bn.weight, 1.0, 0.1)
                 nn.init.normal_(bn.bias, 0.0, 0.1)
+            if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
                 bn.running_mean.normal_(0.0, 0.1)
                 bn.running_var.uniform_(0.8, 1.2)
     return module.to(
@@ -65,11 +67,16 @@ def seeded_module(build, case: Case, device: torch.device) -> nn.Module:
     )
 
 
+def runs_reference(backend: str) -> bool:
+    """Whether `backend` runs the reference module itself: "torch" and the compile baselines
+    (which compile a copy of it)."""
+    return backend == REFERENCE or backend in COMPILE_MODES
+
+
 def module_for_backend(reference: nn.Module, case: Case, backend: str, build_fast) -> nn.Module:
     """The module a backend runs, with the reference's parameters and buffers: a copy of the
-    reference (for "torch" and the compile baselines, which compile that copy later) or
-    build_fast(backend), the depsep module."""
-    if backend == REFERENCE or backend in COMPILE_MODES:
+    reference (see runs_reference) or build_fast(backend), the depsep module."""
+    if runs_reference(backend):
         return copy.deepcopy(reference)
     parameter = next(reference.parameters())
     fast = build_fast(backend).to(

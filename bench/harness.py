@@ -109,11 +109,13 @@ class Op:
     (building it may compile: that is never timed);
     baselines maps each extra baseline backend (beside "torch") to a function
     (case, device) -> None if it applies there, else the reason it does not;
-    describe_kernel(case, inputs, backend) names the kernel PyTorch picks for a baseline ("" if
-    there is nothing to say); default_batch is the batch by device type when --batch is not
-    given; memory_modes are the modes whose peak memory is measured; tolerance_scale widens the
-    check for deep computations (a whole model) whose rounding compounds; host_timed ops are
-    timed by make_host_timer (the host's cost per call) instead of the device timer.
+    describe_kernel(case, inputs, backend) names the kernel PyTorch picks for a baseline, or
+    remarks on a depsep backend ("" if there is nothing to say); default_batch is the batch by
+    device type when --batch is not given; memory_modes are the modes whose peak memory is
+    measured; tolerance_scale widens the check for deep computations (a whole model) whose
+    rounding compounds; host_timed ops are timed by make_host_timer (the host's cost per call)
+    instead of the device timer; whole_network ops have whole networks as layers: a table per
+    network, rows per mode.
     """
 
     name: str
@@ -130,6 +132,7 @@ class Op:
     memory_modes: tuple[str, ...] = ()
     tolerance_scale: float = 1.0
     host_timed: bool = False
+    whole_network: bool = False
 
     def layer_set(self, name: str) -> tuple[Any, ...]:
         """The layers of a named set: "all", "subset" or "quick"."""

@@ -29,7 +29,7 @@ def _plot(run: Run, op: str, groups: list[Group], colors: dict, path: Path) -> P
     fig, axes = plt.subplots(len(groups), 2, figsize=(16, 3.4 * len(groups)), squeeze=False)
     for (left, right), group in zip(axes, groups):
         first = group.cases[0]
-        title = f"{op} {first.mode + ' | ' if group.by_layer else ''}"
+        title = f"{op} {first.mode if group.by_layer else first.layer.name} | "
         title += f"{str(first.dtype).removeprefix('torch.')} | {first.layout}"
         if first.images:
             _bars(left, group, colors, lambda r: r.case.images / r.timing.median, "images/s")

@@ -74,7 +74,8 @@ class Run:
     copy_timing: Timing
     results: tuple[Result, ...]
     baselines: Mapping[str, tuple[str, ...]]  # op -> its baseline backends, REFERENCE first
-    whole_ops: frozenset[str] = frozenset()  # ops with one "layer" (the model): rows per mode
+    # ops whose "layers" are whole networks: a table per network, rows per mode
+    whole_ops: frozenset[str] = frozenset()
 
     @property
     def copy_gbps(self) -> float:
@@ -161,13 +162,13 @@ class Group:
 
 
 def group_results(run: Run) -> list[Group]:
-    """The run's results by (op, mode, dtype, layout), rows per layer; those of a whole-model op
-    by (op, dtype, layout), rows per mode."""
+    """The run's results by (op, mode, dtype, layout), rows per layer; those of a whole-network op
+    by (op, network, dtype, layout), rows per mode."""
     groups: dict[tuple, Group] = {}
     for result in run.results:
         case = result.case
         by_layer = case.op not in run.whole_ops
-        key = (case.op, case.mode if by_layer else "", case.dtype, case.layout)
+        key = (case.op, case.mode if by_layer else case.layer.name, case.dtype, case.layout)
         groups.setdefault(key, Group(by_layer, [])).results.append(result)
     return list(groups.values())
 

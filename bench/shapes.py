@@ -1,4 +1,5 @@
-"""Layer shapes of MobileNet V1 (alpha = 1.0, 224x224 input), the benchmark workload.
+"""Layer shapes of MobileNet V1 (alpha = 1.0, 224x224 input), the benchmark workload, and the
+whole networks the model benchmark runs.
 
 The depthwise, pointwise and block tables derive from one block list, so they cannot drift apart.
 """
@@ -82,7 +83,9 @@ MOBILENET_V1_BLOCKS = tuple(
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """MobileNet V1 at a width multiplier and a square input resolution."""
+    """A whole network at a square input resolution. `name` is "mobilenet_v1" (the built-in
+    MobileNet V1 at width multiplier `alpha`), or "timm:<model>" / "torchvision:<model>": a model
+    of that library, with random weights (see bench/model.py)."""
 
     name: str
     alpha: float
@@ -92,7 +95,8 @@ class ModelConfig:
 
 MOBILENET_V1 = ModelConfig("mobilenet_v1", 1.0, 224)
 # --quick only checks that every path runs: a small image keeps its CPU training step short.
-MOBILENET_V1_QUICK = ModelConfig("mobilenet_v1", 1.0, 64)
+QUICK_RESOLUTION = 64
+MOBILENET_V1_QUICK = ModelConfig("mobilenet_v1", 1.0, QUICK_RESOLUTION)
 
 
 def subset(layers: tuple) -> tuple:

@@ -1,10 +1,12 @@
 """MobileNet V1 and its depthwise-separable block, and drop-in fast layers for any model.
 
-- `DepSepConv`, `MobileNet`: the block and model of SPEC §3 computed by the fused ops, with the
-  reference's constructor, module tree and state_dict keys (`mobilenet.reference` holds the
-  plain-PyTorch originals: the oracle of the tests and the baseline of the benchmarks).
+- `DepSepConv`, `MobileNet`: the depthwise-separable block and MobileNet V1 computed by the
+  fused ops, with the reference's constructor, module tree and state_dict keys
+  (`mobilenet.reference` holds the plain-PyTorch originals: the oracle of the tests and the
+  baseline of the benchmarks).
 - `ConvBNAct`, `FusedSequential`, `DepthwiseConv2d`: the fast layers themselves.
-- `convert(model)` swaps them into any model; `revert(model)` takes them out.
+- `convert(model)` swaps them into any model (torchvision's and timm's mobile networks
+  included); `revert(model)` takes them out.
 - `input_size(rho)`: the input side for the paper's resolution multiplier.
 """
 

@@ -81,19 +81,19 @@ def sync_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
     *,
     momentum: float | None,
     eps: float,
     num_batches_tracked: Tensor | None,
     process_group,
 ) -> Tensor:
-    """F.batch_norm(input, running_mean, running_var, weight, bias, training=True, momentum,
-    eps) with the batch statistics taken over the inputs of every process in `process_group`
-    (all of them must call it), and the running statistics updated with them (unbiased over the
-    global count). num_batches_tracked and momentum=None as in the fused ops."""
+    """F.batch_norm(input, running_mean, running_var, bn_weight, bn_bias, training=True,
+    momentum, eps) with the batch statistics taken over the inputs of every process in
+    `process_group` (all of them must call it), and the running statistics updated with them
+    (unbiased over the global count). num_batches_tracked and momentum=None as in the fused ops."""
     factor = momentum_factor(momentum, num_batches_tracked)
     return _SyncBatchNorm.apply(
-        input, weight, bias, running_mean, running_var, eps, factor, process_group
+        input, bn_weight, bn_bias, running_mean, running_var, eps, factor, process_group
     )

@@ -6,34 +6,43 @@ buffers, hooks, training flag and other attributes, so state_dict keys, dtype, d
 requires_grad and optimizers holding the parameters are all untouched. Each converted module
 records its original class and attributes, which is what revert() restores.
 
-What is converted:
-- nn.Sequential (or a subclass that keeps nn.Sequential.forward, such as torchvision's
-  Conv2dNormActivation) holding Conv2d -> BatchNorm2d [-> activation] runs among its children
-  becomes a FusedSequential computing those runs with the fused ops (a ConvBNAct when the run is
-  all it holds). Fusable: a 1x1 conv (groups 1, stride 1, no padding) or a depthwise conv
-  (groups == in == out channels, any kernel, stride, padding, dilation), zero padding mode, no
-  bias; an nn.BatchNorm2d or nn.SyncBatchNorm; the activation nn.ReLU, nn.ReLU6 (or
-  nn.Hardtanh(0, 6)) or nn.Identity. Any other activation (Hardswish, SiLU, ...) is not fused:
-  the run ends at the BN, whose output goes to the activation module as before.
-- Every other depthwise nn.Conv2d (bias allowed) becomes a DepthwiseConv2d.
+What is fused: Conv2d -> BatchNorm [-> activation] runs, where the conv is a 1x1 nn.Conv2d
+(groups 1, stride 1, no padding) or a depthwise one (groups == in == out channels, any kernel,
+stride, padding, dilation), zero padding mode, no bias; the BatchNorm an nn.BatchNorm2d or
+nn.SyncBatchNorm followed by an activation module the fused ops apply (nn.ReLU, nn.ReLU6 or
+nn.Hardtanh(0, 6), nn.SiLU, nn.Hardswish, nn.Identity; any other, GELU say, is not fused: the run
+ends at the BN), or timm's BatchNormAct2d whose `drop` is nn.Identity and whose `act` is one of
+those. Such runs are found
+- among the children of an nn.Sequential (or a subclass that keeps nn.Sequential.forward, such
+  as torchvision's Conv2dNormActivation), which becomes a FusedSequential (a ConvBNAct when the
+  run is all it holds);
+- among the attributes of a block whose forward convert() knows (mobilenet/blocks.py: timm's
+  DepthwiseSeparableConv, InvertedResidual, ConvBnAct, EdgeResidual, ConvNormAct, and the
+  stem and head of its EfficientNet and MobileNetV3 models), which gets a fused class derived
+  from its own.
+Every other depthwise nn.Conv2d (bias allowed) becomes a DepthwiseConv2d.
 
 What is left alone, because it cannot be swapped without changing results:
-- modules used through attributes by a custom forward (e.g. `self.bn(self.conv(x))`): only the
-  ordered children of an nn.Sequential are known to feed each other and nothing else, so a conv
-  whose output is also used elsewhere (a residual) is never fused with its BN;
-- Sequential subclasses with their own forward, subclasses of Conv2d / BatchNorm2d (timm's
-  BatchNormAct2d, Conv2dSame, ...), grouped convs that are not depthwise, depth multipliers > 1,
-  non-zero padding modes, convs with a bias followed by BN (the bias would have to be folded
-  into the running mean: those convs are converted only if depthwise, as bare DepthwiseConv2d),
-  and runs with a hooked module (the hooks would not fire inside a fused op; a DepthwiseConv2d
-  keeps its hooks firing, so a hooked bare depthwise conv is converted).
+- modules used through attributes by a forward convert() does not know (e.g.
+  `self.bn(self.conv(x))` in a model of your own): only the ordered children of an
+  nn.Sequential, and the children a known block calls in order, are known to feed each other
+  and nothing else, so a conv whose output is also used elsewhere (a residual) is never fused
+  with its BN;
+- Sequential subclasses with their own forward, subclasses of known blocks, subclasses of
+  Conv2d / BatchNorm2d other than BatchNormAct2d (timm's Conv2dSame, ...), grouped convs that are
+  not depthwise, depth multipliers > 1, non-zero padding modes, convs with a bias followed by BN
+  (the bias would have to be folded into the running mean: those convs are converted only if
+  depthwise, as bare DepthwiseConv2d), and runs with a hooked module (the hooks would not fire
+  inside a fused op; a DepthwiseConv2d keeps its hooks firing, so a hooked bare depthwise conv
+  is converted).
 A BatchNorm without running statistics (track_running_stats=False) is fused: the fused layers
 use batch statistics in eval mode then, as nn.BatchNorm2d does.
 
 So in the reference MobileNet every block's two halves fuse (the stem, a full 3x3 conv, stays);
-in torchvision's MobileNetV2/V3 every Conv2dNormActivation but the stem's and every projection
-conv + BN fuse (V3's Hardswish runs apart); in timm's MobileNets, whose blocks call their
-modules as attributes, only the depthwise convs are swapped.
+in torchvision's MobileNetV2/V3 and EfficientNet every Conv2dNormActivation but the stem's and
+every projection conv + BN fuse; in timm's MobileNet V1/V2/V3, MNASNet and EfficientNet every
+conv + BatchNormAct2d of the blocks and of the EfficientNet head fuse. The squeeze-excite convs
+(with a bias, no BN) and the stems stay as they are.
 """
 
 import copy
@@ -42,12 +51,15 @@ from torch import nn
 
 import kernels
 
+from .blocks import fused_class, known_block
 from .layers import (
     ConvBNAct,
     DepthwiseConv2d,
+    FusedRuns,
     FusedSequential,
     conv_kind,
     find_runs,
+    is_timm_batch_norm_act,
 )
 
 # On a converted module: (its original class, the attributes conversion added, the previous
@@ -93,12 +105,14 @@ def convert(
     sync_bn: SyncBatchNorm semantics. In training under an initialised process group of more
         than one process, every fused layer (those already in the model too) computes its batch
         statistics over all processes of the default group, on CPU (gloo) as on GPU; their BNs
-        stay nn.BatchNorm2d, because DistributedDataParallel refuses nn.SyncBatchNorm in CPU
+        keep their class, because DistributedDataParallel refuses nn.SyncBatchNorm in CPU
         modules. Every BatchNorm2d left unfused becomes an nn.SyncBatchNorm (same state_dict,
-        as nn.SyncBatchNorm.convert_sync_batchnorm does; torch runs it on GPUs only), so that
-        none silently keeps per-process statistics. Fused layers also honour an nn.SyncBatchNorm
-        (with its process_group) however it got into the model.
-    Layers that are already fast (FusedSequential, DepthwiseConv2d) keep their backend.
+        as nn.SyncBatchNorm.convert_sync_batchnorm does; torch runs it on GPUs only), and every
+        timm BatchNormAct2d a timm SyncBatchNormAct, so that none silently keeps per-process
+        statistics. Fused layers also honour an nn.SyncBatchNorm (with its process_group)
+        however it got into the model.
+    Layers that are already fast (FusedSequential, fused blocks, DepthwiseConv2d) keep their
+    backend.
     """
     if backend is not None and backend not in kernels.BACKENDS:
         raise ValueError(
@@ -109,17 +123,25 @@ def convert(
 
     in_runs = set()  # ids of the convs that fused runs compute
     for name, module in list(model.named_modules()):
-        if isinstance(module, FusedSequential):
+        if isinstance(module, FusedRuns):
             in_runs.update(id(module._modules[run[0]]) for run in module.fused_runs.values())
             continue
-        if not _runs_sequential(module):
+        known = known_block(module)
+        if not (_runs_sequential(module) or known):
             continue
-        runs = find_runs(module, filter_fn, f"{name}." if name else "")
+        names = tuple(module._modules) if known is None else known.children(module)
+        if not all(child in module._modules for child in names):
+            continue  # not the known class's layout (another version of it?): left alone
+        runs = find_runs(module, names, filter_fn, f"{name}." if name else "")
         if not runs:
             continue
         in_runs.update(id(module._modules[conv_name]) for conv_name in runs)
-        whole = len(runs) == 1 and next(iter(runs.values())) == tuple(module._modules)
-        cls = ConvBNAct if whole else FusedSequential
+        if known is not None:
+            cls = fused_class(type(module))
+        elif len(runs) == 1 and next(iter(runs.values())) == names:
+            cls = ConvBNAct
+        else:
+            cls = FusedSequential
         _convert_module(module, cls, backend=backend, sync_bn=False, fused_runs=runs)
 
     for name, module in model.named_modules():
@@ -131,15 +153,28 @@ def convert(
             _convert_module(module, DepthwiseConv2d, backend=backend)
 
     if sync_bn:
-        fused_bns = set()
-        for module in model.modules():
-            if isinstance(module, FusedSequential):
-                _convert_module(module, type(module), sync_bn=True)
-                fused_bns.update(id(module._modules[run[1]]) for run in module.fused_runs.values())
-        for module in model.modules():
-            if type(module) is nn.BatchNorm2d and id(module) not in fused_bns:
-                _convert_module(module, nn.SyncBatchNorm, process_group=None)
+        _synchronise_batch_norms(model)
     return model
+
+
+def _synchronise_batch_norms(model: nn.Module) -> None:
+    """convert(sync_bn=True)'s last step: every fused layer synchronises its BatchNorms; every
+    BatchNorm left unfused gets the synchronised class of its kind (timm's SyncBatchNormAct for
+    its BatchNormAct2d, timm being imported then anyway)."""
+    fused_bns = set()
+    for module in model.modules():
+        if isinstance(module, FusedRuns):
+            _convert_module(module, type(module), sync_bn=True)
+            fused_bns.update(id(module._modules[run[1]]) for run in module.fused_runs.values())
+    for module in model.modules():
+        if id(module) in fused_bns:
+            continue
+        if type(module) is nn.BatchNorm2d:
+            _convert_module(module, nn.SyncBatchNorm, process_group=None)
+        elif is_timm_batch_norm_act(module):
+            from timm.layers.norm_act import SyncBatchNormAct
+
+            _convert_module(module, SyncBatchNormAct, process_group=None)
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -1,28 +1,84 @@
 """The drop-in fast layers: Conv2d-BatchNorm-activation runs computed by the fused ops, a bare
-depthwise convolution, and the depthwise-separable block of SPEC §3.
+depthwise convolution, and the fused form of the reference depthwise-separable block.
 
-The fused layers own the very nn.Conv2d / nn.BatchNorm2d / activation modules they replace, under
-the same child names, and read every setting from them at each call (stride, padding, momentum,
-eps, affine, track_running_stats, training flag, the activation's type). So state_dicts,
-parameter initialisation, `.to()`/`.half()`/`.train()`, optimizers and later edits such as
+The fused layers own the very nn.Conv2d / BatchNorm / activation modules they replace, under the
+same child names, and read every setting from them at each call (stride, padding, momentum, eps,
+affine, track_running_stats, training flag, the activation's type). So state_dicts, parameter
+initialisation, `.to()`/`.half()`/`.train()`, optimizers and later edits such as
 `block.depthwise[1].momentum = None` behave exactly as with the plain modules. Whenever a run
 stops being computable by a fused op (a child replaced by something else, a hook registered on
 one), the layer runs its children one after another, as nn.Sequential does.
 """
 
-import torch
+from collections.abc import Sequence
+
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from kernels import reference
-from kernels._common import activation_op_name
+from kernels._common import KERNEL_ACTIVATIONS
+from kernels.reference import apply_activation
 
+from . import reference
 from ._sync_batch_norm import sync_batch_norm
 
-# Exact types: subclasses (timm's BatchNormAct2d, Conv2dSame, ...) change what forward computes.
-FUSABLE_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
-_ACTIVATION_NAMES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: None}
+# The activation modules the fused ops apply, by exact type (a subclass may compute something
+# else), and the ops' name of each. nn.Hardtanh(0, 6) is ReLU6 too (activation_op).
+_ACTIVATIONS = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+    nn.Identity: "none",
+}
+# BatchNorm modules whose forward is nn.BatchNorm2d's, by exact type (timm's BatchNormAct2d is
+# recognised apart, see is_timm_batch_norm_act).
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# timm's BatchNorm2d + dropout + activation in one module, an nn.BatchNorm2d subclass whose
+# forward is nn.BatchNorm2d's followed by its `drop` and `act` children. Known by its module and
+# qualified name, so that nothing here imports timm.
+_TIMM_BATCH_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
+
+
+def qualified_name(cls: type) -> str:
+    """`module.QualName` of a class: how convert() knows classes of packages it never imports."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def activation_op(module: nn.Module | None) -> str | None:
+    """The fused ops' name of what the activation `module` computes: "relu", "relu6", "silu",
+    "hardswish", or "none" for None and nn.Identity; None when the fused ops cannot apply it."""
+    if module is None:
+        return "none"
+    if type(module) is nn.Hardtanh and module.min_val == 0.0 and module.max_val == 6.0:
+        return "relu6"
+    return _ACTIVATIONS.get(type(module))
+
+
+def is_timm_batch_norm_act(module: nn.Module) -> bool:
+    """Whether module's class is timm's BatchNormAct2d (not a subclass)."""
+    cls = type(module)
+    return (cls.__module__, cls.__qualname__) == _TIMM_BATCH_NORM_ACT
+
+
+def norm_activation(bn: nn.Module) -> nn.Module | None:
+    """The activation a BatchNorm module applies itself (timm's BatchNormAct2d: its `act`)."""
+    return bn._modules.get("act") if is_timm_batch_norm_act(bn) else None
+
+
+def fusable_norm(bn: nn.Module) -> bool:
+    """Whether `bn` computes what the fused ops' BatchNorm does: an nn.BatchNorm2d or
+    nn.SyncBatchNorm, or timm's BatchNormAct2d whose `drop` is nn.Identity and whose `act` the
+    fused ops apply."""
+    if type(bn) in _BATCH_NORMS:
+        return True
+    return (
+        is_timm_batch_norm_act(bn)
+        and type(bn._modules.get("drop")) is nn.Identity
+        and "act" in bn._modules
+        and activation_op(bn.act) is not None
+    )
 
 
 def conv_kind(conv: nn.Module) -> str | None:
@@ -43,20 +99,6 @@ def conv_kind(conv: nn.Module) -> str | None:
     return None
 
 
-def fusable_activation(module: nn.Module) -> bool:
-    """Whether the fused ops can apply `module`: ReLU, ReLU6 (or Hardtanh(0, 6)), Identity."""
-    return type(module) in _ACTIVATION_NAMES or (
-        type(module) is nn.Hardtanh and module.min_val == 0.0 and module.max_val == 6.0
-    )
-
-
-def _activation_name(module: nn.Module | None) -> str | None:
-    """The fused ops' `activation` for a fusable activation module (None: no activation)."""
-    if module is None:
-        return None
-    return _ACTIVATION_NAMES.get(type(module), "relu6")
-
-
 def _has_hooks(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks
@@ -67,18 +109,42 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def fusable_run(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None) -> bool:
-    """Whether conv -> bn -> act (act None: no activation) is computed exactly by one fused op.
+    """Whether conv -> bn -> act (act None: no activation module after bn) is computed exactly
+    by one fused op. A BatchNormAct2d applies its own activation, so no act may follow it.
 
     A conv bias is not folded into the BatchNorm: such runs (rare, the bias is redundant before
-    BN) stay unfused. Modules with hooks stay unfused too, so that their hooks keep firing.
+    BN) stay unfused. Modules with hooks stay unfused too, so that their hooks keep firing (for a
+    BatchNormAct2d, its `drop` and `act` too).
     """
-    modules = (conv, bn) if act is None else (conv, bn, act)
-    return (
-        conv_kind(conv) is not None
-        and conv.bias is None
-        and type(bn) in FUSABLE_BATCH_NORMS
-        and (act is None or fusable_activation(act))
-        and not any(_has_hooks(m) for m in modules)
+    if conv_kind(conv) is None or conv.bias is not None or not fusable_norm(bn):
+        return False
+    own = norm_activation(bn)
+    if act is not None and (own is not None or activation_op(act) is None):
+        return False
+    hooked = _has_hooks(conv) or _has_hooks(bn) or (act is not None and _has_hooks(act))
+    return not hooked and (own is None or not (_has_hooks(own) or _has_hooks(bn.drop)))
+
+
+def batch_norm_arguments(bn: nn.Module) -> dict:
+    """The fused ops' BatchNorm arguments for `bn` as nn.BatchNorm2d.forward decides them, read
+    from bn at this call: running_mean, running_var, bn_weight, bn_bias, training, momentum, eps
+    and num_batches_tracked, by those names.
+
+    Batch statistics when training or when there are no running ones; the running statistics
+    are updated only when training with track_running_stats, and only then is
+    num_batches_tracked counted (momentum=None, a cumulative average, divides by it)."""
+    training, track = bn.training, bn.track_running_stats
+    running_mean, running_var = bn.running_mean, bn.running_var
+    keep_running = not training or track
+    return dict(
+        running_mean=running_mean if keep_running else None,
+        running_var=running_var if keep_running else None,
+        bn_weight=bn.weight,
+        bn_bias=bn.bias,
+        training=training or (running_mean is None and running_var is None),
+        momentum=bn.momentum,
+        eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked if training and track else None,
     )
 
 
@@ -95,7 +161,18 @@ def _sync_process_group(bn: nn.Module, sync_bn: bool):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def conv_bn_act(
+def _kernels_apply(activation: str, backend: str | None) -> bool:
+    """Whether the fused ops apply `activation` themselves on `backend` (None: whichever auto
+    picks, so every compiled backend must)."""
+    if backend == "torch":
+        return True
+    names = KERNEL_ACTIVATIONS if backend is None else (backend,)
+    return all(
+        activation in KERNEL_ACTIVATIONS[name] for name in names if name in KERNEL_ACTIVATIONS
+    )
+
+
+def run_fused(
     input: Tensor,
     conv: nn.Conv2d,
     bn: nn.Module,
@@ -104,70 +181,57 @@ def conv_bn_act(
     backend: str | None = None,
     sync_bn: bool = False,
 ) -> Tensor:
-    """act(bn(conv(input))) for a fusable run, exactly as the modules compute it, by one fused
-    op: BatchNorm's choice between batch and running statistics, its running-statistics update,
-    num_batches_tracked and momentum (None: cumulative average) follow nn.BatchNorm2d.forward.
+    """act(bn(conv(input))) of a fusable run (see fusable_run) by one fused op, exactly as the
+    modules compute it: BatchNorm's settings as batch_norm_arguments reads them, the activation
+    act's or, for timm's BatchNormAct2d, bn's own. An activation whose kernels the backend lacks
+    so far (kernels._common.KERNEL_ACTIVATIONS) follows the fused conv + BN as a PyTorch op.
 
     With `sync_bn`, or when bn is an nn.SyncBatchNorm, training under torch.distributed takes
     the batch statistics over every process of the group, as nn.SyncBatchNorm does: the conv,
     then a synchronised BatchNorm, then the activation (three steps: the fused ops see one
     process's batch only)."""
-    activation = _activation_name(act)
-    # nn.BatchNorm2d.forward: batch statistics when training or when there are no running ones.
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep_running = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if keep_running else None
-    running_var = bn.running_var if keep_running else None
-    counted = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
+    activation = activation_op(act if act is not None else norm_activation(bn))
+    bn_args = batch_norm_arguments(bn)
     kind = conv_kind(conv)
 
     group = _sync_process_group(bn, sync_bn)
-    if group is not None:
+    if group is not None:  # training, so batch statistics
+        del bn_args["training"]
         if kind == "pointwise":
-            y = torch.nn.functional.conv2d(input, conv.weight)
+            y = F.conv2d(input, conv.weight)
         else:
             y = kernels.depthwise_conv2d(
                 input, conv.weight, None, conv.stride, conv.padding, conv.dilation, backend=backend
             )
-        y = sync_batch_norm(
-            y,
-            running_mean,
-            running_var,
-            bn.weight,
-            bn.bias,
-            momentum=bn.momentum,
-            eps=bn.eps,
-            num_batches_tracked=counted,
-            process_group=group,
-        )
-        return reference.apply_activation(y, activation_op_name(activation))
+        y = sync_batch_norm(y, **bn_args, process_group=group)
+        return apply_activation(y, activation)
 
-    options = dict(
-        training=bn_training,
-        momentum=bn.momentum,
-        eps=bn.eps,
-        activation=activation,
-        backend=backend,
-        num_batches_tracked=counted,
-    )
-    stats = (running_mean, running_var, bn.weight, bn.bias)
+    fused = activation if _kernels_apply(activation, backend) else "none"
+    fused_activation = None if fused == "none" else fused
     if kind == "pointwise":
-        return kernels.pointwise_bn_act(input, conv.weight, *stats, **options)
-    return kernels.depthwise_bn_act(
-        input,
-        conv.weight,
-        *stats,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        **options,
-    )
+        y = kernels.pointwise_bn_act(
+            input, conv.weight, **bn_args, activation=fused_activation, backend=backend
+        )
+    else:
+        y = kernels.depthwise_bn_act(
+            input,
+            conv.weight,
+            **bn_args,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            activation=fused_activation,
+            backend=backend,
+        )
+    return y if fused == activation else apply_activation(y, activation)
 
 
-def find_runs(sequential: nn.Sequential, filter_fn=None, prefix: str = "") -> dict:
-    """The fusable Conv2d-BN(-activation) runs among `sequential`'s children, as {conv's child
-    name: child names of the run}. `filter_fn(conv, prefix + child_name)` may turn runs down."""
-    items = list(sequential._modules.items())
+def find_runs(owner: nn.Module, names: Sequence[str], filter_fn=None, prefix: str = "") -> dict:
+    """The fusable Conv2d-BN(-activation) runs among `owner`'s children `names`, which owner's
+    forward calls in this order, each on the output of the one before and on nothing else: as
+    {conv's child name: child names of the run}. `filter_fn(conv, prefix + child_name)` may turn
+    runs down."""
+    items = [(name, owner._modules[name]) for name in names]
     runs = {}
     i = 0
     while i + 1 < len(items):
@@ -183,52 +247,77 @@ def find_runs(sequential: nn.Sequential, filter_fn=None, prefix: str = "") -> di
     return runs
 
 
-class FusedSequential(nn.Sequential):
+class FusedRuns:
+    """Mixin of the modules whose forward computes Conv2d-BN-activation runs among their
+    children by the fused ops: FusedSequential, and the fused classes convert() gives the blocks
+    it knows (mobilenet/blocks.py). `forward_runs` is the one place where runs are computed.
+
+    fused_runs maps the child name of each run's conv to the child names of the run (conv, BN
+    and, when the activation is a child of its own, the activation), as find_runs plans them.
+    `backend` is the fused ops' backend (None: auto). `sync_bn` makes training under
+    torch.distributed take batch statistics over all processes, like nn.SyncBatchNorm (which is
+    honoured without it).
+    """
+
+    fused_runs: dict[str, tuple[str, ...]]
+    backend: str | None
+    sync_bn: bool
+
+    def forward_runs(self, names: Sequence[str], input: Tensor) -> Tensor:
+        """Calls the children `names` one after another, each on the output of the one before,
+        computing each planned run by one fused op while it is still in place and fusable
+        (children may have been replaced, or hooks registered, since it was planned)."""
+        modules = self._modules
+        i = 0
+        while i < len(names):
+            run = self.fused_runs.get(names[i], ())
+            if run and tuple(names[i : i + len(run)]) == run:
+                members = [modules[name] for name in run]
+                if fusable_run(*members):
+                    input = run_fused(input, *members, backend=self.backend, sync_bn=self.sync_bn)
+                    i += len(run)
+                    continue
+            input = modules[names[i]](input)
+            i += 1
+        return input
+
+
+class FusedSequential(FusedRuns, nn.Sequential):
     """An nn.Sequential whose Conv2d-BN-activation runs are computed by the fused ops.
 
-    `fused_runs` maps the child name of each run's conv to the child names of the run (conv, BN
-    and, when the activation is fused too, the activation). All children stay registered under
-    their names; everything else runs as in nn.Sequential. `backend` is the fused ops' backend
-    (None: auto). `sync_bn` makes training under torch.distributed take batch statistics over
-    all processes, like nn.SyncBatchNorm (which is honoured without it).
+    All children stay registered under their names; everything else runs as in nn.Sequential.
+    `fused_runs`, `backend` and `sync_bn` as in FusedRuns.
     """
 
     def __init__(self, *args, backend: str | None = None, sync_bn: bool = False):
         super().__init__(*args)
         self.backend = backend
         self.sync_bn = sync_bn
-        self.fused_runs = find_runs(self)
+        self.fused_runs = find_runs(self, tuple(self._modules))
 
     def forward(self, input: Tensor) -> Tensor:
-        items = list(self._modules.items())
-        i = 0
-        while i < len(items):
-            run = self.fused_runs.get(items[i][0], ())
-            names = tuple(name for name, _ in items[i : i + len(run)])
-            modules = [module for _, module in items[i : i + len(run)]]
-            # The run as planned, still in place and still fusable: children may have changed.
-            if run and names == run and fusable_run(*modules):
-                input = conv_bn_act(input, *modules, backend=self.backend, sync_bn=self.sync_bn)
-                i += len(run)
-            else:
-                input = items[i][1](input)
-                i += 1
-        return input
+        return self.forward_runs(tuple(self._modules), input)
+
+
+def _type_names(types) -> str:
+    return ", ".join(f"nn.{t.__name__}" for t in types)
 
 
 class ConvBNAct(FusedSequential):
-    """Conv2d -> BatchNorm2d -> activation as one fused op: children `0`, `1` and `2` (no `2`
+    """Conv2d -> BatchNorm -> activation as one fused op: children `0`, `1` and `2` (no `2`
     when act is None), like nn.Sequential(conv, bn, act).
 
     conv is a 1x1 (groups 1, stride 1, no padding) or depthwise (groups == in == out channels)
-    nn.Conv2d without bias; bn an nn.BatchNorm2d or nn.SyncBatchNorm; act nn.ReLU, nn.ReLU6,
-    nn.Identity or None. `backend` and `sync_bn` as in FusedSequential.
+    nn.Conv2d without bias; bn an nn.BatchNorm2d, nn.SyncBatchNorm or timm's BatchNormAct2d
+    (which brings its activation: act None); act one of the activation modules the fused ops
+    apply (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Identity) or None. `backend` and
+    `sync_bn` as in FusedSequential.
     """
 
     def __init__(
         self,
         conv: nn.Conv2d,
-        bn: nn.BatchNorm2d,
+        bn: nn.Module,
         act: nn.Module | None = None,
         *,
         backend: str | None = None,
@@ -237,8 +326,9 @@ class ConvBNAct(FusedSequential):
         if not fusable_run(conv, bn, act):
             raise ValueError(
                 "ConvBNAct: expected a 1x1 or depthwise nn.Conv2d without bias and without "
-                "hooks, an nn.BatchNorm2d or nn.SyncBatchNorm, and nn.ReLU, nn.ReLU6, "
-                f"nn.Identity or None; got {conv!r}, {bn!r}, {act!r}"
+                f"hooks; as bn an {_type_names(_BATCH_NORMS)} with act one of "
+                f"{_type_names(_ACTIVATIONS)} or None, or a timm BatchNormAct2d whose own act is "
+                f"one of those, with act None; got {conv!r}, {bn!r}, {act!r}"
             )
         modules = (m for m in (conv, bn, act) if m is not None)
         super().__init__(*modules, backend=backend, sync_bn=sync_bn)
@@ -287,36 +377,17 @@ class DepthwiseConv2d(nn.Conv2d):
         )
 
 
-class DepSepConv(nn.Module):
-    """The reference block of SPEC §3 (mobilenet.reference.DepSepConv) with the fused ops:
-    `depthwise` (3x3 depthwise conv + BN + ReLU) then `pointwise` (1x1 conv + BN + ReLU), each a
-    ConvBNAct. Same constructor, submodules, state_dict keys and parameter initialisation (the
-    modules are created in the reference's order) as the reference block."""
+class DepSepConv(reference.DepSepConv):
+    """The reference depthwise-separable block (mobilenet.reference.DepSepConv: 3x3 depthwise
+    conv + BN + ReLU, then 1x1 conv + BN + ReLU) with each half computed by one fused op.
+
+    Built as the reference block, then each half (an nn.Sequential of conv, BN and ReLU) becomes
+    a ConvBNAct of the very same modules: same constructor, submodules, state_dict keys and
+    parameter initialisation as the reference."""
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int = 1, *, backend: str | None = None
     ):
-        super().__init__()
-        self.depthwise = ConvBNAct(
-            nn.Conv2d(
-                in_channels,
-                in_channels,
-                3,
-                stride=stride,
-                padding=1,
-                groups=in_channels,
-                bias=False,
-            ),
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
-            backend=backend,
-        )
-        self.pointwise = ConvBNAct(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-            backend=backend,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise(self.depthwise(x))
+        super().__init__(in_channels, out_channels, stride)
+        self.depthwise = ConvBNAct(*self.depthwise, backend=backend)
+        self.pointwise = ConvBNAct(*self.pointwise, backend=backend)

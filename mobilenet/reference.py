@@ -1,4 +1,5 @@
-"""The reference MobileNet V1 (arXiv 1704.04861) in plain PyTorch, exactly as SPEC §3 gives it."""
+"""The reference MobileNet V1 (arXiv 1704.04861) in plain PyTorch: the oracle of the tests and the
+baseline of the benchmarks."""
 
 import torch
 from torch import nn
@@ -33,9 +34,12 @@ class DepSepConv(nn.Module):
 
 
 class MobileNet(nn.Module):
-    """MobileNet V1 with width multiplier `alpha` (channel counts int(c * alpha))."""
+    """MobileNet V1 with width multiplier `alpha` (channel counts int(c * alpha)).
 
-    def __init__(self, alpha: float = 1.0, num_classes: int = 1000):
+    `block(in_channels, out_channels, stride)` builds each of the 13 depthwise-separable blocks:
+    DepSepConv here, the fused one in mobilenet.MobileNet."""
+
+    def __init__(self, alpha: float = 1.0, num_classes: int = 1000, *, block=DepSepConv):
         super().__init__()
 
         def c(channels: int) -> int:
@@ -44,15 +48,13 @@ class MobileNet(nn.Module):
         self.conv1 = nn.Conv2d(3, c(32), 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c(32))
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = DepSepConv(c(32), c(64))
-        self.conv3 = nn.Sequential(DepSepConv(c(64), c(128), stride=2), DepSepConv(c(128), c(128)))
-        self.conv4 = nn.Sequential(DepSepConv(c(128), c(256), stride=2), DepSepConv(c(256), c(256)))
+        self.conv2 = block(c(32), c(64), 1)
+        self.conv3 = nn.Sequential(block(c(64), c(128), 2), block(c(128), c(128), 1))
+        self.conv4 = nn.Sequential(block(c(128), c(256), 2), block(c(256), c(256), 1))
         self.conv5 = nn.Sequential(
-            DepSepConv(c(256), c(512), stride=2), *[DepSepConv(c(512), c(512)) for _ in range(5)]
+            block(c(256), c(512), 2), *[block(c(512), c(512), 1) for _ in range(5)]
         )
-        self.conv6 = nn.Sequential(
-            DepSepConv(c(512), c(1024), stride=2), DepSepConv(c(1024), c(1024))
-        )
+        self.conv6 = nn.Sequential(block(c(512), c(1024), 2), block(c(1024), c(1024), 1))
         self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(c(1024), num_classes)
         for module in self.modules():

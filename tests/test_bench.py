@@ -4,6 +4,7 @@ the correctness gate reports a wrong backend instead of timing it."""
 import csv
 import dataclasses
 
+import pytest
 import torch
 
 from bench.__main__ import OPS, main
@@ -60,3 +61,34 @@ def test_a_wrong_backend_is_reported_not_timed():
     assert [r.status for r in results] == ["ok", "wrong"]
     assert len(timed) == 1
     assert "output" in results[1].detail
+
+
+def test_model_benchmark_takes_timm_and_torchvision_networks(tmp_path, capsys):
+    """--model: any timm or torchvision network, converted, checked against the original and
+    timed beside it; the tables say how much of it convert() fused."""
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    nets = ["timm:mobilenetv2_035", "torchvision:mobilenet_v3_small"]
+    argv = ["--quick", "--ops", "model", "--model", *nets, "--resolution", "32"]
+    main([*argv, "--layouts", "channels_last", "--no-progress", "--out", str(tmp_path)])
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    throughput = {
+        (r["layer"], r["backend"], r["mode"]) for r in rows if r["metric"] == "throughput"
+    }
+    modes = OPS["model"].modes
+    assert {(net, "torch", mode) for net in nets for mode in modes} <= throughput
+    # ReLU6 throughout: the native kernels run it (Hardswish, in the other, not yet).
+    assert {("timm:mobilenetv2_035", "native", mode) for mode in modes} <= throughput
+    out = capsys.readouterr().out
+    assert "WRONG" not in out
+    assert "51 of its 52 BatchNorms in fused runs" in out
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("timm:no_such_net", "timm has no model"), ("resnet50", "expected mobilenet_v1")],
+)
+def test_model_benchmark_rejects_unknown_networks(name, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["--quick", "--ops", "model", "--model", name, "--no-progress"])

@@ -1,10 +1,13 @@
 """mobilenet.convert()/revert() on the reference MobileNet, plain nn.Sequential stacks,
-torchvision-style blocks and (when installed) torchvision's and timm's MobileNets; and
-convert(sync_bn=True) under DistributedDataParallel with two processes (SPEC §2, issue 6)."""
+torchvision-style blocks, every activation the fused ops apply and timm's BatchNormAct2d; and
+convert(sync_bn=True) under DistributedDataParallel with two processes. timm's blocks and the
+real networks of timm and torchvision: tests/test_models.py."""
 
 import copy
 import os
+import sys
 import time
+import unittest.mock
 
 import pytest
 import torch
@@ -14,9 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import kernels
 import mobilenet
+from kernels._common import ACTIVATION_CODES, KERNEL_ACTIVATIONS
 from mobilenet import ConvBNAct, DepthwiseConv2d, FusedSequential, convert, reference, revert
+from mobilenet.layers import activation_op
 
+from .common import backend_params
 from .test_mobilenet import (  # noqa: F401  (one_thread: an autouse fixture, here too)
     MODEL_BACKENDS,
     MODEL_INPUT,
@@ -68,9 +75,9 @@ def plain_stack() -> nn.Sequential:
         nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # 3-5: depthwise run, ReLU6
         nn.BatchNorm2d(8, momentum=0.3),
         nn.ReLU6(inplace=True),
-        nn.Conv2d(8, 8, 1, bias=False),  # 6-7: conv + BN fused; 8: Hardswish after it
+        nn.Conv2d(8, 8, 1, bias=False),  # 6-7: conv + BN fused; 8: ELU, not fusable, after it
         nn.BatchNorm2d(8, track_running_stats=False),
-        nn.Hardswish(),
+        nn.ELU(),
         nn.Conv2d(8, 8, 1),  # 9-11: a bias before BN: left alone
         nn.BatchNorm2d(8),
         nn.ReLU(),
@@ -168,7 +175,7 @@ def mobile_blocks() -> nn.Sequential:
         InvertedResidual(8, 2),
         AttributeBlock(8),
         CustomSequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)),
-        ConvNormActivation(8, 16, 1, act=nn.Hardswish),  # conv + BN fused, Hardswish apart
+        ConvNormActivation(8, 16, 1, act=nn.ELU),  # conv + BN fused, ELU apart
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(16, 5),
@@ -280,45 +287,145 @@ def test_bad_backend():
         convert(plain_stack(), backend="cuda")
 
 
-# --- torchvision and timm: test-only dependencies, used when installed ---
+# --- every activation the fused ops apply; timm's BatchNormAct2d ---
 
 
-def _converts_and_matches(model, counts, x):
-    reference_model = copy.deepcopy(model)
-    convert(model, backend="torch")
-    fused = sum(len(m.fused_runs) for m in model.modules() if isinstance(m, FusedSequential))
-    bare = sum(type(m) is DepthwiseConv2d for m in model.modules())
-    assert (fused, bare) == counts
-    assert list(model.state_dict()) == list(reference_model.state_dict())
-    assert_same_training(reference_model, model, x, steps=1, exact=True)
-    revert(model)
-    assert [type(m) for m in model.modules()] == [type(m) for m in reference_model.modules()]
+def test_activation_modules_and_their_op_names():
+    assert activation_op(None) == activation_op(nn.Identity()) == "none"
+    assert activation_op(nn.ReLU(inplace=True)) == "relu"
+    assert activation_op(nn.ReLU6()) == activation_op(nn.Hardtanh(0.0, 6.0)) == "relu6"
+    assert activation_op(nn.SiLU()) == "silu" and activation_op(nn.Hardswish()) == "hardswish"
+    for other in (nn.Hardtanh(-1.0, 1.0), nn.GELU(), nn.ELU(), nn.Sigmoid()):
+        assert activation_op(other) is None, other
+
+    class MyReLU(nn.ReLU):  # a subclass may compute something else
+        pass
+
+    assert activation_op(MyReLU()) is None
+    named = {activation_op(m()) for m in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Identity)}
+    assert named == set(ACTIVATION_CODES)  # every activation of the ops has its module
 
 
-def test_torchvision_mobilenet_v2():
-    models = pytest.importorskip("torchvision.models")
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
+
+
+def activation_cases(backends, names=tuple(ACTIVATIONS)):
+    """(backend, activation name) params: each activation on each backend."""
+    return [
+        pytest.param(backend.values[0], name, marks=backend.marks, id=f"{backend.id}-{name}")
+        for name in names
+        for backend in backends
+    ]
+
+
+@pytest.mark.parametrize("backend,activation", activation_cases(MODEL_BACKENDS))
+def test_conv_norm_activation_runs_of_every_activation(backend, activation):
+    """torchvision's Conv2dNormActivation pattern (1x1 expansion, depthwise, projection) with each
+    activation: the activation is fused with its conv and BN, and applied by the fused op where
+    the backend's kernels compute it (else right after it)."""
     torch.manual_seed(0)
-    # 52 Conv2d: the stem is a full 3x3 conv; the other 51 are in conv-BN(-ReLU6) runs.
-    _converts_and_matches(models.mobilenet_v2(weights=None), (51, 0), sample(MODEL_INPUT))
+    act = ACTIVATIONS[activation]
+    model = nn.Sequential(
+        ConvNormActivation(4, 12, 1, act=act),
+        ConvNormActivation(12, 12, 3, stride=2, groups=12, act=act),
+        nn.Conv2d(12, 6, 1, bias=False),
+        nn.BatchNorm2d(6),
+    )
+    fast = convert(copy.deepcopy(model), backend=backend)
+    assert type(fast[0]) is ConvBNAct and fast[0].fused_runs == {"0": ("0", "1", "2")}
+    assert type(fast[1]) is ConvBNAct and fast.fused_runs == {"2": ("2", "3")}
+    seen = []
+    with count_fused_calls() as calls:
+        counted = kernels.pointwise_bn_act
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs["activation"])
+            return counted(*args, **kwargs)
+
+        with unittest.mock.patch.object(kernels, "pointwise_bn_act", spy):
+            assert_same_training(model, fast, sample((2, 4, 7, 6)), steps=2)
+    assert calls == {("pointwise_bn_act", backend): 6, ("depthwise_bn_act", backend): 3}
+    kernels_apply = backend == "torch" or activation in KERNEL_ACTIVATIONS[backend]
+    assert seen == [activation if kernels_apply else None, None] * 3
 
 
-def test_torchvision_mobilenet_v3_small():
-    models = pytest.importorskip("torchvision.models")
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_kernel_activations_list_what_the_kernels_compute(backend):
+    """KERNEL_ACTIVATIONS, which tells the layers where to apply an activation after the fused op
+    instead: each activation listed for a backend its kernels compute; the others they do not
+    yet (an error, or not that activation), and once they do, the list must name them."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 4, 2, 2, generator=gen), torch.randn(6, 4, 1, 1, generator=gen)
+    stats = (torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5, None, None)
+    for name in ACTIVATION_CODES:
+        options = dict(training=False, activation=None if name == "none" else name)
+        want = kernels.pointwise_bn_act(x, w, *stats, **options, backend="torch")
+        try:
+            got = kernels.pointwise_bn_act(x, w, *stats, **options, backend=backend)
+        except (RuntimeError, ValueError):
+            got = None
+        computes = got is not None and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert computes == (name in KERNEL_ACTIVATIONS[backend]), (backend, name)
+
+
+def batch_norm_act(channels, act=nn.ReLU, **kwargs):
+    timm_layers = pytest.importorskip("timm.layers")
+    return timm_layers.BatchNormAct2d(channels, act_layer=act, **kwargs)
+
+
+@pytest.mark.parametrize("backend,activation", activation_cases(MODEL_BACKENDS))
+def test_timm_batch_norm_act_is_fused_with_its_activation(backend, activation):
+    """timm's BatchNormAct2d (BatchNorm2d, then its `drop` and `act` children) after a conv in an
+    nn.Sequential: one fused op with its own activation; its BatchNorm settings honoured."""
     torch.manual_seed(0)
-    model = models.mobilenet_v3_small(weights=None)
-    # 11 depthwise runs, 11 projections (conv + BN), 10 expansions and the last 1x1 conv: 33.
-    # With Hardswish, conv + BN fuse and Hardswish follows. The stem (a full 3x3 conv) and the
-    # squeeze-excitation 1x1 convs (biases, no BN, attributes) are left alone.
-    _converts_and_matches(model, (33, 0), sample((2, 3, 64, 64)))
+    act = ACTIVATIONS[activation]
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 1, bias=False),
+        batch_norm_act(8, act, momentum=None),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        batch_norm_act(8, act, eps=1e-3, affine=False),
+        nn.ReLU(),  # after a BatchNormAct2d: its own module, not fused into the run
+        nn.Conv2d(8, 8, 1, bias=False),
+        batch_norm_act(8, act, apply_act=False, track_running_stats=False),
+    )
+    fast = convert(copy.deepcopy(model), backend=backend)
+    assert fast.fused_runs == {"0": ("0", "1"), "2": ("2", "3"), "5": ("5", "6")}
+    with count_fused_calls() as calls:
+        assert_same_training(model, fast, sample((2, 4, 6, 6)), steps=2)
+    assert calls == {("pointwise_bn_act", backend): 6, ("depthwise_bn_act", backend): 3}
+    assert fast[1].num_batches_tracked.item() == 2
 
 
-def test_timm_mobilenetv1():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("mobilenetv1_100", pretrained=False, num_classes=10)
-    # timm's blocks call conv_dw, bn1 (BatchNormAct2d), conv_pw, bn2 as attributes: only the
-    # 13 depthwise convs are swapped, as bare DepthwiseConv2d.
-    _converts_and_matches(model, (0, 13), sample(MODEL_INPUT))
+def test_timm_batch_norm_act_left_alone_when_not_fusable():
+    """Dropout inside it, an activation the fused ops do not apply, or a hook on its act: the
+    run stays unfused (and the hook fires)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    fired = []
+    hooked = batch_norm_act(8)
+    hooked.act.register_forward_hook(lambda module, args, out: fired.append(1))
+    norms = [
+        batch_norm_act(8, drop_layer=lambda: nn.Dropout(0.1)),
+        batch_norm_act(8, nn.GELU),
+        hooked,
+        timm_layers.SyncBatchNormAct(8),  # not BatchNormAct2d: left alone
+    ]
+    for norm in norms:
+        model = nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), norm)
+        assert type(convert(model, backend="torch")) is nn.Sequential, norm
+    norms[2].eval()
+    model = nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), norms[2]).eval()
+    model(sample((1, 4, 3, 3)))
+    assert fired == [1]
+
+
+def test_convert_never_imports_timm(monkeypatch):
+    """timm's classes are known by name: converting a model without them imports no timm (with
+    timm and its modules hidden, any import of it would raise)."""
+    for name in [name for name in sys.modules if name.startswith("timm.")] + ["timm"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    model = nn.ModuleList([mobile_blocks(), reference.MobileNet(0.25)])
+    convert(model, backend="torch", sync_bn=True)
+    assert type(model[0][1].conv) is FusedSequential and type(model[1].bn1) is nn.SyncBatchNorm
 
 
 # --- two processes: DistributedDataParallel with sync_bn ---
