@@ -393,6 +393,18 @@ def host_program_ops() -> OpSet:
     return OPS["host_programs"]
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(op: OpOverload, device: torch.device) -> bool:
+    """Whether `op` has a kernel for `device`'s tensors (an optional op may have it for some
+    device types only)."""
+    key = _DISPATCH_KEYS.get(device.type)
+    return key is not None and torch._C._dispatch_has_computed_kernel_for_dispatch_key(
+        op.name(), key
+    )
+
+
 def has_native_kernel(dispatch_key: str) -> bool:
     """Whether kernels._C registered the native ops for `dispatch_key` ("CPU", "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(

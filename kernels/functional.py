@@ -304,6 +304,8 @@ def bn_act_chain(
             )
         return x
     ops = _ops.OPS[chosen]
+    if not torch.is_grad_enabled():
+        return _bn_act_chain_no_grad(ops, input, tensors, plan, stages, training)
     chain = tuple(
         _ops.ChainStage(
             ops.depthwise_bn_act_fwd if depthwise else ops.pointwise_bn_act_fwd,
@@ -319,3 +321,56 @@ def bn_act_chain(
         for index, (stage, (depthwise, geometry, act)) in enumerate(zip(stages, plan))
     )
     return _ops.BnActChain.apply(chain, input, *tensors)
+
+
+def _bn_act_chain_no_grad(ops, input, tensors, plan, stages, training) -> Tensor:
+    """bn_act_chain with nothing to record: a depthwise then a 1x1 stage in eval as the
+    backend's one-pass block op where it has one for this device, else the ops one after
+    another."""
+    per_stage = len(_ops.CHAIN_STAGE_TENSORS)
+    block = ops.depthwise_pointwise_eval
+    if (
+        block is not None
+        and not training
+        and [depthwise for depthwise, _, _ in plan] == [True, False]
+        and _ops.has_kernel(block, input.device)
+    ):
+        dw_w, dw_bn_w, dw_bn_b, dw_rm, dw_rv, _ = tensors[:per_stage]
+        pw_w, pw_bn_w, pw_bn_b, pw_rm, pw_rv, _ = tensors[per_stage:]
+        return block(
+            input,
+            dw_w,
+            *plan[0][1],
+            dw_bn_w,
+            dw_bn_b,
+            dw_rm,
+            dw_rv,
+            float(stages[0].eps),
+            plan[0][2],
+            pw_w,
+            pw_bn_w,
+            pw_bn_b,
+            pw_rm,
+            pw_rv,
+            float(stages[1].eps),
+            plan[1][2],
+        )
+    x = input
+    for index, ((depthwise, geometry, act), stage) in enumerate(zip(plan, stages)):
+        w, bn_w, bn_b, rm, rv, nbt = tensors[index * per_stage : (index + 1) * per_stage]
+        fwd = ops.depthwise_bn_act_fwd if depthwise else ops.pointwise_bn_act_fwd
+        x, _ = fwd(
+            x,
+            w,
+            *geometry,
+            bn_w,
+            bn_b,
+            rm,
+            rv,
+            nbt,
+            stage.training,
+            stage.momentum,
+            float(stage.eps),
+            act,
+        )
+    return x

@@ -41,7 +41,7 @@ def _residual_forward(self, x):
 
 
 def _sequence_forward(self, x):
-    """timm's ConvNormAct: the children in order."""
+    """timm's ConvNormAct, the reference DepSepConv: the children in order."""
     return self.forward_runs(self.known_block.children(self), x)
 
 
@@ -95,6 +95,10 @@ KNOWN_BLOCKS = {
         lambda b: ("conv", "bn") if getattr(b, "aa", None) is None else ("conv", "bn", "aa"),
         "forward",
         _sequence_forward,
+    ),
+    # The reference depthwise-separable block: its two halves, one after the other.
+    "mobilenet.reference.DepSepConv": KnownBlock(
+        lambda b: ("depthwise", "pointwise"), "forward", _sequence_forward
     ),
     "timm.models.efficientnet.EfficientNet": KnownBlock(
         lambda m: ("conv_stem", "bn1", "blocks", "conv_head", "bn2"),

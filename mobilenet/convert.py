@@ -57,6 +57,7 @@ from .layers import (
     DepthwiseConv2d,
     FusedRuns,
     FusedSequential,
+    check_recompute,
     conv_kind,
     find_runs,
     is_timm_batch_norm_act,
@@ -93,6 +94,7 @@ def convert(
     filter_fn=None,
     inplace: bool = True,
     sync_bn: bool = False,
+    recompute: str | None = "depthwise",
 ) -> nn.Module:
     """Swaps the fast layers into `model` (see the module docstring for what is swapped and what
     is left alone) and returns it; outputs, gradients, running statistics and state_dict stay
@@ -111,6 +113,10 @@ def convert(
         timm BatchNormAct2d a timm SyncBatchNormAct, so that none silently keeps per-process
         statistics. Fused layers also honour an nn.SyncBatchNorm (with its process_group)
         however it got into the model.
+    recompute: the fused layers' chain policy (FusedRuns): fused runs that follow each other
+        (such as an inverted residual's expand, depthwise and project stages) run as one chain
+        that keeps for backward only the chain input and, with "depthwise", its 1x1 stages'
+        outputs; "all" keeps only the chain input; None runs every run by itself.
     Layers that are already fast (FusedSequential, fused blocks, DepthwiseConv2d) keep their
     backend.
     """
@@ -118,6 +124,7 @@ def convert(
         raise ValueError(
             f"convert: backend must be one of {kernels.BACKENDS} or None, got {backend!r}"
         )
+    check_recompute(recompute, "convert")
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -133,7 +140,9 @@ def convert(
         if not all(child in module._modules for child in names):
             continue  # not the known class's layout (another version of it?): left alone
         runs = find_runs(module, names, filter_fn, f"{name}." if name else "")
-        if not runs:
+        # A known block is converted even without runs of its own: the runs of its fused
+        # children then chain through it.
+        if not runs and known is None:
             continue
         in_runs.update(id(module._modules[conv_name]) for conv_name in runs)
         if known is not None:
@@ -142,7 +151,9 @@ def convert(
             cls = ConvBNAct
         else:
             cls = FusedSequential
-        _convert_module(module, cls, backend=backend, sync_bn=False, fused_runs=runs)
+        _convert_module(
+            module, cls, backend=backend, sync_bn=False, fused_runs=runs, recompute=recompute
+        )
 
     for name, module in model.named_modules():
         if (

@@ -172,6 +172,27 @@ def _kernels_apply(activation: str, backend: str | None) -> bool:
     )
 
 
+def _activation_of(bn: nn.Module, act: nn.Module | None = None) -> str:
+    """The fused ops' activation of a run: act's or, for timm's BatchNormAct2d, bn's own."""
+    return activation_op(act if act is not None else norm_activation(bn))
+
+
+def fused_stage(conv: nn.Conv2d, bn: nn.Module, act: nn.Module | None = None) -> kernels.BnActStage:
+    """The arguments of the fused op that computes the run conv -> bn -> act, read from the
+    modules at this call (BatchNorm's as batch_norm_arguments reads them)."""
+    activation = _activation_of(bn, act)
+    depthwise = conv_kind(conv) == "depthwise"
+    return kernels.BnActStage(
+        conv.weight,
+        **batch_norm_arguments(bn),
+        depthwise=depthwise,
+        stride=conv.stride if depthwise else 1,
+        padding=conv.padding if depthwise else 0,
+        dilation=conv.dilation if depthwise else 1,
+        activation=None if activation == "none" else activation,
+    )
+
+
 def run_fused(
     input: Tensor,
     conv: nn.Conv2d,
@@ -182,22 +203,19 @@ def run_fused(
     sync_bn: bool = False,
 ) -> Tensor:
     """act(bn(conv(input))) of a fusable run (see fusable_run) by one fused op, exactly as the
-    modules compute it: BatchNorm's settings as batch_norm_arguments reads them, the activation
-    act's or, for timm's BatchNormAct2d, bn's own. An activation whose kernels the backend lacks
-    so far (kernels._common.KERNEL_ACTIVATIONS) follows the fused conv + BN as a PyTorch op.
+    modules compute it (fused_stage). An activation whose kernels the backend lacks so far
+    (kernels._common.KERNEL_ACTIVATIONS) follows the fused conv + BN as a PyTorch op.
 
     With `sync_bn`, or when bn is an nn.SyncBatchNorm, training under torch.distributed takes
     the batch statistics over every process of the group, as nn.SyncBatchNorm does: the conv,
     then a synchronised BatchNorm, then the activation (three steps: the fused ops see one
     process's batch only)."""
-    activation = activation_op(act if act is not None else norm_activation(bn))
-    bn_args = batch_norm_arguments(bn)
-    kind = conv_kind(conv)
-
+    activation = _activation_of(bn, act)
     group = _sync_process_group(bn, sync_bn)
     if group is not None:  # training, so batch statistics
+        bn_args = batch_norm_arguments(bn)
         del bn_args["training"]
-        if kind == "pointwise":
+        if conv_kind(conv) == "pointwise":
             y = F.conv2d(input, conv.weight)
         else:
             y = kernels.depthwise_conv2d(
@@ -206,24 +224,38 @@ def run_fused(
         y = sync_batch_norm(y, **bn_args, process_group=group)
         return apply_activation(y, activation)
 
-    fused = activation if _kernels_apply(activation, backend) else "none"
-    fused_activation = None if fused == "none" else fused
-    if kind == "pointwise":
-        y = kernels.pointwise_bn_act(
-            input, conv.weight, **bn_args, activation=fused_activation, backend=backend
-        )
-    else:
-        y = kernels.depthwise_bn_act(
-            input,
-            conv.weight,
-            **bn_args,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            activation=fused_activation,
-            backend=backend,
-        )
-    return y if fused == activation else apply_activation(y, activation)
+    stage = fused_stage(conv, bn, act)
+    fused = _kernels_apply(activation, backend)
+    if not fused:
+        stage.activation = None
+    fn = kernels.depthwise_bn_act if stage.depthwise else kernels.pointwise_bn_act
+    geometry = (
+        dict(stride=stage.stride, padding=stage.padding, dilation=stage.dilation)
+        if stage.depthwise
+        else {}
+    )
+    y = fn(
+        input,
+        stage.weight,
+        stage.running_mean,
+        stage.running_var,
+        stage.bn_weight,
+        stage.bn_bias,
+        training=stage.training,
+        momentum=stage.momentum,
+        eps=stage.eps,
+        activation=stage.activation,
+        backend=backend,
+        num_batches_tracked=stage.num_batches_tracked,
+        **geometry,
+    )
+    return y if fused else apply_activation(y, activation)
+
+
+def check_recompute(recompute, owner: str) -> str | None:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"{owner}: recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    return recompute
 
 
 def find_runs(owner: nn.Module, names: Sequence[str], filter_fn=None, prefix: str = "") -> dict:
@@ -247,39 +279,99 @@ def find_runs(owner: nn.Module, names: Sequence[str], filter_fn=None, prefix: st
     return runs
 
 
+RECOMPUTE = (*kernels.functional.RECOMPUTE, None)
+
+
 class FusedRuns:
     """Mixin of the modules whose forward computes Conv2d-BN-activation runs among their
-    children by the fused ops: FusedSequential, and the fused classes convert() gives the blocks
-    it knows (mobilenet/blocks.py). `forward_runs` is the one place where runs are computed.
+    children by the fused ops: FusedSequential, DepSepConv and the fused classes convert()
+    gives the blocks it knows (mobilenet/blocks.py). `forward_runs` is the one place where runs
+    are computed.
 
     fused_runs maps the child name of each run's conv to the child names of the run (conv, BN
     and, when the activation is a child of its own, the activation), as find_runs plans them.
     `backend` is the fused ops' backend (None: auto). `sync_bn` makes training under
     torch.distributed take batch statistics over all processes, like nn.SyncBatchNorm (which is
-    honoured without it).
+    honoured without it). Runs that follow each other (those of fused children that are nothing
+    but runs too, such as the Conv2dNormActivations of an inverted residual) form a chain, one
+    autograd unit that keeps less for backward: `recompute` is kernels.bn_act_chain's policy
+    ("depthwise": the depthwise stages' outputs are recomputed in backward; "all": every
+    stage's), None for no chains.
     """
 
     fused_runs: dict[str, tuple[str, ...]]
     backend: str | None
     sync_bn: bool
+    recompute: str | None = "depthwise"
 
     def forward_runs(self, names: Sequence[str], input: Tensor) -> Tensor:
         """Calls the children `names` one after another, each on the output of the one before,
-        computing each planned run by one fused op while it is still in place and fusable
-        (children may have been replaced, or hooks registered, since it was planned)."""
+        computing each planned run by a fused op while it is still in place and fusable
+        (children may have been replaced, or hooks registered, since it was planned), and
+        consecutive runs as one chain."""
         modules = self._modules
+        pending = []  # consecutive runs, (conv, bn[, act]) each, not computed yet
         i = 0
         while i < len(names):
             run = self.fused_runs.get(names[i], ())
             if run and tuple(names[i : i + len(run)]) == run:
-                members = [modules[name] for name in run]
+                members = tuple(modules[name] for name in run)
                 if fusable_run(*members):
-                    input = run_fused(input, *members, backend=self.backend, sync_bn=self.sync_bn)
+                    pending.append(members)
                     i += len(run)
                     continue
-            input = modules[names[i]](input)
+            child = modules[names[i]]
             i += 1
-        return input
+            if type(child) is nn.Identity and not _has_hooks(child):
+                continue  # computes nothing: the runs on either side still follow each other
+            nested = self._chainable_runs(child)
+            if nested is not None:
+                pending += nested
+                continue
+            input = self._compute(pending, input)
+            pending = []
+            input = child(input)
+        return self._compute(pending, input)
+
+    def _chainable_runs(self, child: nn.Module) -> list[tuple] | None:
+        """The runs of a child that computes nothing but fusable runs (a FusedSequential of the
+        same settings, without hooks), which may join this module's chain; else None."""
+        if not (
+            isinstance(child, FusedSequential)
+            and not _has_hooks(child)
+            and (child.backend, child.sync_bn, child.recompute)
+            == (self.backend, self.sync_bn, self.recompute)
+        ):
+            return None
+        runs, modules, names = [], child._modules, tuple(child._modules)
+        i = 0
+        while i < len(names):
+            run = child.fused_runs.get(names[i], ())
+            members = tuple(modules[name] for name in run)
+            if not (run and tuple(names[i : i + len(run)]) == run and fusable_run(*members)):
+                return None
+            runs.append(members)
+            i += len(run)
+        return runs
+
+    def _compute(self, runs: list[tuple], input: Tensor) -> Tensor:
+        """The runs one after another: as one chain when there are several and every run can
+        join one, else each by its own fused op."""
+        chainable = (
+            len(runs) > 1
+            and self.recompute is not None
+            and all(
+                _sync_process_group(members[1], self.sync_bn) is None
+                and _kernels_apply(_activation_of(*members[1:3]), self.backend)
+                for members in runs
+            )
+        )
+        if not chainable:
+            for members in runs:
+                input = run_fused(input, *members, backend=self.backend, sync_bn=self.sync_bn)
+            return input
+        stages = [fused_stage(*members) for members in runs]
+        return kernels.bn_act_chain(input, stages, recompute=self.recompute, backend=self.backend)
 
 
 class FusedSequential(FusedRuns, nn.Sequential):
@@ -289,10 +381,17 @@ class FusedSequential(FusedRuns, nn.Sequential):
     `fused_runs`, `backend` and `sync_bn` as in FusedRuns.
     """
 
-    def __init__(self, *args, backend: str | None = None, sync_bn: bool = False):
+    def __init__(
+        self,
+        *args,
+        backend: str | None = None,
+        sync_bn: bool = False,
+        recompute: str | None = "depthwise",
+    ):
         super().__init__(*args)
         self.backend = backend
         self.sync_bn = sync_bn
+        self.recompute = check_recompute(recompute, "FusedSequential")
         self.fused_runs = find_runs(self, tuple(self._modules))
 
     def forward(self, input: Tensor) -> Tensor:
@@ -322,6 +421,7 @@ class ConvBNAct(FusedSequential):
         *,
         backend: str | None = None,
         sync_bn: bool = False,
+        recompute: str | None = "depthwise",
     ):
         if not fusable_run(conv, bn, act):
             raise ValueError(
@@ -331,7 +431,7 @@ class ConvBNAct(FusedSequential):
                 f"one of those, with act None; got {conv!r}, {bn!r}, {act!r}"
             )
         modules = (m for m in (conv, bn, act) if m is not None)
-        super().__init__(*modules, backend=backend, sync_bn=sync_bn)
+        super().__init__(*modules, backend=backend, sync_bn=sync_bn, recompute=recompute)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -377,17 +477,32 @@ class DepthwiseConv2d(nn.Conv2d):
         )
 
 
-class DepSepConv(reference.DepSepConv):
+class DepSepConv(FusedRuns, reference.DepSepConv):
     """The reference depthwise-separable block (mobilenet.reference.DepSepConv: 3x3 depthwise
-    conv + BN + ReLU, then 1x1 conv + BN + ReLU) with each half computed by one fused op.
+    conv + BN + ReLU, then 1x1 conv + BN + ReLU) with each half computed by one fused op, the
+    two as one chain in training (`recompute` as in FusedRuns: by default the block keeps only
+    its input for backward) and, in eval, as one pass where the backend has it.
 
     Built as the reference block, then each half (an nn.Sequential of conv, BN and ReLU) becomes
     a ConvBNAct of the very same modules: same constructor, submodules, state_dict keys and
     parameter initialisation as the reference."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, *, backend: str | None = None
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        backend: str | None = None,
+        recompute: str | None = "depthwise",
     ):
         super().__init__(in_channels, out_channels, stride)
-        self.depthwise = ConvBNAct(*self.depthwise, backend=backend)
-        self.pointwise = ConvBNAct(*self.pointwise, backend=backend)
+        self.backend = backend
+        self.sync_bn = False
+        self.recompute = check_recompute(recompute, "DepSepConv")
+        self.fused_runs = {}
+        self.depthwise = ConvBNAct(*self.depthwise, backend=backend, recompute=self.recompute)
+        self.pointwise = ConvBNAct(*self.pointwise, backend=backend, recompute=self.recompute)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_runs(("depthwise", "pointwise"), x)

@@ -12,15 +12,24 @@ class MobileNet(reference.MobileNet):
     """MobileNet V1 with width multiplier `alpha` (channel counts int(c * alpha)): the reference
     model (mobilenet.reference.MobileNet) built with the fused DepSepConv as its block, so its
     module tree and state_dict keys are the reference's and a reference checkpoint loads with
-    strict=True. Its 13 blocks run the fused ops (`backend`: their backend, None for auto); the
-    stem (a full 3x3 convolution) and the classifier are plain PyTorch.
+    strict=True. Its 13 blocks run the fused ops (`backend`: their backend, None for auto; each
+    block a chain in training, `recompute` as DepSepConv's); the stem (a full 3x3 convolution)
+    and the classifier are plain PyTorch.
 
     The modules are created in the reference's order, so under the same seed both models start
     from the same parameters.
     """
 
-    def __init__(self, alpha: float = 1.0, num_classes: int = 1000, *, backend: str | None = None):
-        super().__init__(alpha, num_classes, block=functools.partial(DepSepConv, backend=backend))
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        num_classes: int = 1000,
+        *,
+        backend: str | None = None,
+        recompute: str | None = "depthwise",
+    ):
+        block = functools.partial(DepSepConv, backend=backend, recompute=recompute)
+        super().__init__(alpha, num_classes, block=block)
 
 
 def input_size(resolution_multiplier: float) -> int:

@@ -334,15 +334,22 @@ def test_conv_norm_activation_runs_of_every_activation(backend, activation):
     fast = convert(copy.deepcopy(model), backend=backend)
     assert type(fast[0]) is ConvBNAct and fast[0].fused_runs == {"0": ("0", "1", "2")}
     assert type(fast[1]) is ConvBNAct and fast.fused_runs == {"2": ("2", "3")}
-    seen = []
+    seen = []  # the activation of each 1x1 run, whether it ran alone or in a chain
     with count_fused_calls() as calls:
-        counted = kernels.pointwise_bn_act
+        counted, chain = kernels.pointwise_bn_act, kernels.bn_act_chain
 
         def spy(*args, **kwargs):
             seen.append(kwargs["activation"])
             return counted(*args, **kwargs)
 
-        with unittest.mock.patch.object(kernels, "pointwise_bn_act", spy):
+        def chain_spy(input, stages, **kwargs):
+            seen.extend(stage.activation for stage in stages if not stage.depthwise)
+            return chain(input, stages, **kwargs)
+
+        with (
+            unittest.mock.patch.object(kernels, "pointwise_bn_act", spy),
+            unittest.mock.patch.object(kernels, "bn_act_chain", chain_spy),
+        ):
             assert_same_training(model, fast, sample((2, 4, 7, 6)), steps=2)
     assert calls == {("pointwise_bn_act", backend): 6, ("depthwise_bn_act", backend): 3}
     kernels_apply = backend == "torch" or activation in KERNEL_ACTIVATIONS[backend]

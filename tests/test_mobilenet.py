@@ -42,8 +42,9 @@ def one_thread():
 
 @contextlib.contextmanager
 def count_fused_calls():
-    """Counts the fused ops' calls per (op, backend) inside the block: proof that the fast layers
-    ran them rather than falling back to their child modules."""
+    """Counts the fused ops' calls per (op, backend) inside the block, a chain's stages each
+    as the op that computes it: proof that the fast layers ran them rather than falling back to
+    their child modules."""
     calls = collections.Counter()
     patches = contextlib.ExitStack()
     for name in ("pointwise_bn_act", "depthwise_bn_act", "depthwise_conv2d"):
@@ -54,6 +55,15 @@ def count_fused_calls():
             return _op(*args, **kwargs)
 
         patches.enter_context(unittest.mock.patch.object(kernels, name, spy))
+    chain = kernels.bn_act_chain
+
+    def chain_spy(input, stages, **kwargs):
+        for stage in stages:
+            name = "depthwise_bn_act" if stage.depthwise else "pointwise_bn_act"
+            calls[name, kwargs.get("backend")] += 1
+        return chain(input, stages, **kwargs)
+
+    patches.enter_context(unittest.mock.patch.object(kernels, "bn_act_chain", chain_spy))
     with patches:
         yield calls
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import kernels
-from mobilenet import DepthwiseConv2d, convert, revert
+from mobilenet import DepthwiseConv2d, convert, reference, revert
 from mobilenet.blocks import KNOWN_BLOCKS
 from mobilenet.layers import FusedRuns, qualified_name
 
@@ -41,8 +41,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish":
 
 @contextlib.contextmanager
 def count_fused_batch_norms(model: nn.Module):
-    """Counts the fused ops' calls per BatchNorm module of `model` (by name), telling the module
-    by the running_mean or weight tensor the op received."""
+    """Counts the fused ops' calls per BatchNorm module of `model` (by name), a chain's stages
+    each as one, telling the module by the running_mean or weight tensor the op received."""
     names = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -62,6 +62,15 @@ def count_fused_batch_norms(model: nn.Module):
             return _op(*args, **kwargs)
 
         patches.enter_context(unittest.mock.patch.object(kernels, op_name, spy))
+    chain = kernels.bn_act_chain
+
+    def chain_spy(input, stages, **kwargs):
+        for stage in stages:
+            tensors = (stage.running_mean, stage.bn_weight)
+            calls[next(names[id(t)] for t in tensors if id(t) in names)] += 1
+        return chain(input, stages, **kwargs)
+
+    patches.enter_context(unittest.mock.patch.object(kernels, "bn_act_chain", chain_spy))
     with patches:
         yield calls
 
@@ -198,9 +207,11 @@ def test_timm_block_matches_original(name, activation, backend):
 
 def test_every_known_block_is_tested():
     tested = {qualified_name(type(build(nn.ReLU))) for build, _, _ in BLOCKS.values()}
-    # The networks' own stems and heads: in the network tests, whose head BNs are fused.
+    # The networks' own stems and heads: in the network tests, whose head BNs are fused; the
+    # reference DepSepConv: in tests/test_convert.py's reference MobileNet.
     networks = {timm.models.efficientnet.EfficientNet, timm.models.mobilenetv3.MobileNetV3}
-    assert set(KNOWN_BLOCKS) == tested | {qualified_name(cls) for cls in networks}
+    others = {qualified_name(cls) for cls in networks} | {qualified_name(reference.DepSepConv)}
+    assert set(KNOWN_BLOCKS) == tested | others
 
 
 def test_known_block_falls_back_and_unknown_block_is_left_alone():
