@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import kernels
 from bench import block, bn_act, depthwise, model, overhead
 from bench.harness import (
     COMPILE_MODES,
@@ -19,6 +18,7 @@ from bench.harness import (
     Case,
     Deadline,
     Op,
+    backend_availability,
     make_cases,
     make_host_timer,
     make_timer,
@@ -113,6 +113,16 @@ def write_outputs(run: Run, out_dir: Path) -> list[Path]:
     return [csv_path, summary_path, *write_plots(run, out_dir)]
 
 
+def _op_names(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in OPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown op {', '.join(unknown) or repr(text)}; choose from {', '.join(OPS)}"
+        )
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -121,7 +131,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "other networks converted by mobilenet.convert). Without options: the default suite of "
         "the device (see bench/__main__.py DEFAULT_PLANS).",
     )
-    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        type=_op_names,
+        default=[list(OPS)],
+        metavar="OP",
+        help=f"ops to run, space- or comma-separated: {', '.join(OPS)} (default: all)",
+    )
     parser.add_argument(
         "--backends",
         nargs="+",
@@ -185,20 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help="output folder (default: bench/results/<date>-<device>)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
-
-
-def backend_availability(device: torch.device) -> dict[str, str | None]:
-    """Depsep backend -> None if it runs on the device, else why not."""
-    availability = {
-        name: reason
-        for name, reason in kernels.available_backends(device).items()
-        if name != REFERENCE
-    }
-    if device.type == "cpu" and "triton" in availability and availability["triton"] is None:
-        # Triton on a CPU is its interpreter (TRITON_INTERPRET=1): a test aid, too slow to time.
-        availability["triton"] = "Triton on CPU is the interpreter, for tests only"
-    return availability
+    args = parser.parse_args(argv)
+    args.ops = list(dict.fromkeys(name for names in args.ops for name in names))
+    return args
 
 
 def with_plan(op: Op, plan: Plan, device: torch.device, quick: bool) -> Op:

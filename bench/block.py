@@ -3,9 +3,11 @@ V1's 13 blocks; also the module plumbing bench/model.py shares.
 
 "torch" is mobilenet.reference.DepSepConv (eager nn.Conv2d, nn.BatchNorm2d, nn.ReLU); the
 compile baselines compile a copy of it; a depsep backend runs mobilenet.DepSepConv(...,
-backend=...) with the reference's state_dict. In float16/bfloat16 the modules keep float32
-parameters and run under torch.autocast, as mixed-precision training does; the input is in the
-case's dtype.
+backend=...) with the reference's state_dict, and "<backend>-unchained" and
+"<backend>-recompute-all" the same with recompute=None and "all" (CHAIN_VARIANTS), in training.
+forward+backward also reports memory (harness.measure_memory): what autograd saved for backward
+and the step's peak. In float16/bfloat16 the modules keep float32 parameters and run under
+torch.autocast, as mixed-precision training does; the input is in the case's dtype.
 
 Modes as in bench/bn_act.py, for the whole block (train() or eval() mode; "backward" and
 "forward+backward" take the gradients of the input and of every parameter). Minimum bytes: the
@@ -30,10 +32,46 @@ from bench.harness import (
     Op,
     Outputs,
     Runner,
+    backend_availability,
     compile_reference,
     layout_format,
 )
 from bench.shapes import MOBILENET_V1_BLOCKS, BlockLayer, quick_subset, subset
+
+# The chain policies timed beside each depsep backend's default ("depthwise": a chain
+# recomputes its depthwise stages' outputs in backward), in training only: "unchained", each
+# fused layer keeping its own input (what the recomputation saves is measured against it), and
+# "recompute-all", a chain keeping only its input. Named "<backend>-<variant>".
+CHAIN_VARIANTS = {"unchained": None, "recompute-all": "all"}
+_CHAINED_BACKENDS = ("native", "triton")
+
+
+def fast_backend(backend: str) -> tuple[str, str | None]:
+    """(the depsep backend, the chain policy) a depsep backend or a chain variant of one runs."""
+    for variant, recompute in CHAIN_VARIANTS.items():
+        if backend.endswith(f"-{variant}"):
+            return backend.removesuffix(f"-{variant}"), recompute
+    return backend, "depthwise"
+
+
+def _chain_variant_applies(backend: str):
+    def applies(case: Case, device: torch.device) -> str | None:
+        if case.mode == "eval":
+            return "chains change training only"
+        return backend_availability(device)[fast_backend(backend)[0]]
+
+    return applies
+
+
+# Baselines of the block and the model: torch.compile, and the chain variants.
+CHAIN_BASELINES = {
+    **COMPILE_BASELINES,
+    **{
+        f"{backend}-{variant}": _chain_variant_applies(f"{backend}-{variant}")
+        for backend in _CHAINED_BACKENDS
+        for variant in CHAIN_VARIANTS
+    },
+}
 
 
 def parameter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,7 +193,10 @@ def make_runner(case: Case, inputs: BlockInputs, backend: str) -> Runner:
         from mobilenet import DepSepConv  # the fast block, written beside these benchmarks
 
         dw, pw = layer.depthwise, layer.pointwise
-        return DepSepConv(dw.channels, pw.out_channels, dw.stride, backend=backend)
+        backend, recompute = fast_backend(backend)
+        return DepSepConv(
+            dw.channels, pw.out_channels, dw.stride, backend=backend, recompute=recompute
+        )
 
     module = module_for_backend(inputs.module, case, backend, build_fast)
     module.train(case.mode != "eval")
@@ -205,6 +246,7 @@ OP = Op(
     make_case=make_case,
     make_inputs=make_inputs,
     make_runner=make_runner,
-    baselines=COMPILE_BASELINES,
+    baselines=CHAIN_BASELINES,
+    memory_modes=("forward+backward",),
     tolerance_scale=2.0,  # two conv + BN layers deep
 )

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.utils.benchmark
 
+import kernels
+
 try:
     from triton.testing import do_bench
 except ImportError:
@@ -137,6 +139,19 @@ class Op:
     def layer_set(self, name: str) -> tuple[Any, ...]:
         """The layers of a named set: "all", "subset" or "quick"."""
         return {"all": self.layers, "subset": self.subset_layers, "quick": self.quick_layers}[name]
+
+
+def backend_availability(device: torch.device) -> dict[str, str | None]:
+    """Depsep backend -> None if it is timed on the device, else why not."""
+    availability = {
+        name: reason
+        for name, reason in kernels.available_backends(device).items()
+        if name != REFERENCE
+    }
+    if device.type == "cpu" and "triton" in availability and availability["triton"] is None:
+        # Triton on a CPU is its interpreter (TRITON_INTERPRET=1): a test aid, too slow to time.
+        availability["triton"] = "Triton on CPU is the interpreter, for tests only"
+    return availability
 
 
 def make_cases(
@@ -280,11 +295,35 @@ def measure_copy(
     return 2 * source.nbytes, timing
 
 
+def measure_saved(fn: Callable[[], Any]) -> int:
+    """The bytes autograd keeps for backward during one call: the storages of every tensor
+    saved for backward (once each, whatever views of them were saved), but for those of the
+    parameters and their views (and of a grad-requiring input), which live anyway. What
+    activation memory a training step costs, apart from the allocator's reuse."""
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor if tensor._base is None else tensor._base  # a weight's transpose, say
+        if not (base.is_leaf and base.requires_grad):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
 def measure_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, int]:
-    """Peak memory of one call, in bytes: "step_memory", the most allocated at once above what
-    was allocated when the call began (what the call itself needs: saved activations,
-    gradients, workspaces), and on CUDA "peak_memory", torch.cuda.max_memory_allocated (all
-    live tensors: also weights, optimizer state and the batch)."""
+    """Memory of a call, in bytes: "saved_memory" (measure_saved; a separate call), then of one
+    more call "step_memory", the most allocated at once above what was allocated when the call
+    began (what the call itself needs: saved activations, gradients, workspaces), and on CUDA
+    "peak_memory", torch.cuda.max_memory_allocated (all live tensors: also weights, optimizer
+    state and the batch)."""
+    return {"saved_memory": measure_saved(fn), **_measure_peak(fn, device)}
+
+
+def _measure_peak(fn: Callable[[], Any], device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)

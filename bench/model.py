@@ -12,7 +12,8 @@ Modes:
 "torch" is the network itself, eager (mobilenet.reference.MobileNet for MobileNet V1); the
 compile baselines compile a copy of it (the loss and the optimizer step stay eager); a depsep
 backend runs mobilenet.convert(copy, backend=...) of it (mobilenet.MobileNet(...,
-backend=...) for MobileNet V1) with its state_dict. The tables note how many of its BatchNorms
+backend=...) for MobileNet V1) with its state_dict; the chain variants as in bench/block.py.
+The tables note how many of its BatchNorms
 convert() fused. Mixed precision as in bench/block.py.
 
 The check compares the logits (eval), or the loss and every running statistic after one step
@@ -33,14 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.block import (
+    CHAIN_BASELINES,
     autocast_for,
+    fast_backend,
     module_for_backend,
     runnable,
     running_statistics,
     runs_reference,
     seeded_module,
 )
-from bench.harness import COMPILE_BASELINES, Case, Op, Outputs, Runner, layout_format
+from bench.harness import Case, Op, Outputs, Runner, layout_format
 from bench.shapes import MOBILENET_V1, MOBILENET_V1_QUICK, QUICK_RESOLUTION, ModelConfig
 
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
@@ -137,9 +140,12 @@ def make_inputs(case: Case, device: torch.device) -> ModelInputs:
 def _fast_model(config: ModelConfig, reference: nn.Module, backend: str) -> nn.Module:
     import mobilenet
 
+    backend, recompute = fast_backend(backend)
     if config.name == BUILT_IN:
-        return mobilenet.MobileNet(config.alpha, config.num_classes, backend=backend)
-    return mobilenet.convert(reference, backend=backend, inplace=False)
+        return mobilenet.MobileNet(
+            config.alpha, config.num_classes, backend=backend, recompute=recompute
+        )
+    return mobilenet.convert(reference, backend=backend, inplace=False, recompute=recompute)
 
 
 def make_runner(case: Case, inputs: ModelInputs, backend: str) -> Runner:
@@ -197,7 +203,7 @@ OP = Op(
     make_case=make_case,
     make_inputs=make_inputs,
     make_runner=make_runner,
-    baselines=COMPILE_BASELINES,
+    baselines=CHAIN_BASELINES,
     # A small CPU batch: a 2-core training step of 8 images takes seconds.
     default_batch={"cpu": 2, "cuda": 128},
     describe_kernel=describe_fusion,

@@ -52,7 +52,11 @@ _STATUS_NOTE = {
     "skipped": "skipped",
 }
 _MODE_LABELS = {("model", "forward+backward"): "train step", ("model", "eval"): "inference"}
-_MEMORY_LABELS = {"step_memory": "memory", "peak_memory": "peak memory"}
+_MEMORY_LABELS = {
+    "saved_memory": "saved",
+    "step_memory": "memory",
+    "peak_memory": "peak memory",
+}
 
 
 @dataclass(frozen=True)
@@ -296,10 +300,20 @@ def _backend_table(run: Run, group: Group) -> Table:
                 row.append("" if gbps is None else _bandwidth_cell(gbps, run.copy_gbps))
             if any(by_key[case, other].memory for other in shown):
                 for metric in memory_metrics:
-                    value = result.memory.get(metric)
-                    row.append("" if value is None else f"{value / 2**20:.0f}")
+                    row.append(_memory_cell(result, by_key.get((case, REFERENCE)), metric))
         rows.append(row)
     return Table(_title(run, group), headers, rows, _notes(group))
+
+
+def _memory_cell(result: Result, reference: Result | None, metric: str) -> str:
+    """MiB, and beside any other backend's the ratio to the reference's."""
+    value = result.memory.get(metric)
+    base = reference.memory.get(metric) if reference is not None else None
+    if value is None:
+        return ""
+    if result is reference or not base:
+        return f"{value / 2**20:.1f}"
+    return f"{value / 2**20:.1f} ({value / base:.2f}x)"
 
 
 def _time_cell(result: Result) -> str:
@@ -451,9 +465,11 @@ def write_markdown(run: Run, path: Path) -> None:
         "",
         "Times are medians in ms. Speed-up = baseline median / backend median. GB/s counts "
         "the minimum bytes: each input read once, each output written once (each op's "
-        "formula per mode is in the docstring of its bench/ module). Memory: the most "
-        "allocated at once during one training step above what was allocated before it, and "
-        "on CUDA torch.cuda.max_memory_allocated (peak memory). Every backend was checked "
+        "formula per mode is in the docstring of its bench/ module). Memory: what autograd "
+        "saved for backward (saved: every saved tensor's storage once, parameters not "
+        "counted), the most allocated at once during one training step above what was "
+        "allocated before it (memory), and on CUDA torch.cuda.max_memory_allocated (peak "
+        "memory); in parentheses the ratio to torch's. Every backend was checked "
         "against torch before it was timed (WRONG: it disagreed). Quantiles in "
         f"[{CSV_NAME}]({CSV_NAME}).",
     ]

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from bench.__main__ import OPS, main
-from bench.harness import Deadline, Timing, run_case
+from bench.harness import Deadline, Timing, measure_saved, run_case
+
+# Backends by what they keep for backward, most first.
+CHAIN_ORDER = ("torch", "native-unchained", "native", "native-recompute-all")
 
 
 def test_quick_run_writes_checked_results(tmp_path, capsys):
@@ -27,10 +30,34 @@ def test_quick_run_writes_checked_results(tmp_path, capsys):
     native = [r for r in times if r["op"] == "depthwise" and r["backend"] == "native"]
     assert {r["mode"] for r in native} == set(OPS["depthwise"].modes)
     model = {r["metric"] for r in rows if r["op"] == "model" and r["backend"] == "torch"}
-    assert {"throughput", "step_memory"} <= model
+    assert {"throughput", "step_memory", "saved_memory"} <= model
+    # The chain variants beside the default chains, in training; what each keeps for backward
+    # is in the order of what it recomputes.
+    for op in ("block", "model"):
+        saved = {
+            (r["backend"], r["layout"]): float(r["median"])
+            for r in rows
+            if r["op"] == op and r["metric"] == "saved_memory"
+        }
+        for layout in ("channels_last", "nchw"):
+            kept = [saved[b, layout] for b in CHAIN_ORDER]
+            assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1], (op, layout, kept)
     out = capsys.readouterr().out
     assert "WRONG" not in out
     assert "not in --quick" in out  # the compile baselines say why they did not run
+
+
+def test_saved_memory_counts_each_saved_storage_once_but_no_parameter():
+    weight = torch.nn.Parameter(torch.randn(64, dtype=torch.float64))
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+
+    def step():
+        h = x * 2  # saves nothing of its own: a constant factor
+        # h, a view of h twice, and the parameter's view
+        y = (h * weight).sum() + (h[:32] * h[:32]).sum() + (h @ weight[None].t()).sum()
+        y.backward()
+
+    assert measure_saved(step) == 64 * 8
 
 
 def test_a_wrong_backend_is_reported_not_timed():
