@@ -15,6 +15,19 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the checks read of a tensor, for one not computed yet (a chain stage's input): its
+    shape, dtype and device, without a tensor to dispatch."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
 def check_tensors(op: str, **tensors: Tensor | None) -> None:
     """Each named tensor (None allowed: optional) is a floating tensor of a supported dtype, and
     all share the first one's dtype and device."""
@@ -22,7 +35,7 @@ def check_tensors(op: str, **tensors: Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        if not isinstance(t, Tensor):
+        if not isinstance(t, (Tensor, TensorSpec)):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _SUPPORTED:
             names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)

@@ -248,7 +248,7 @@ def bn_act_chain(
     plan, tensors, like = [], [], input
     for index, stage in enumerate(stages):
         op = f"bn_act_chain stage {index}"
-        weight = _autocast(like, stage.weight)[1]
+        weight = _autocast(input, stage.weight)[1]
         bn = (stage.running_mean, stage.running_var, stage.bn_weight, stage.bn_bias)
         if stage.depthwise:
             g = _validate.depthwise_args(
@@ -275,7 +275,9 @@ def bn_act_chain(
         plan.append((stage.depthwise, geometry, act))
         tensors += [weight, stage.bn_weight, stage.bn_bias, *bn[:2], stage.num_batches_tracked]
         # The next stage is checked against this one's output, without computing it.
-        like = input.new_empty(()).expand(like.shape[0], weight.shape[0], *out_hw)
+        like = _validate.TensorSpec(
+            (like.shape[0], weight.shape[0], *out_hw), input.dtype, input.device
+        )
     training = any(stage.training for stage in stages)
     chosen = select_backend(backend, input.device, fused_eval=not training)
     if chosen == "torch" or input.numel() == 0:

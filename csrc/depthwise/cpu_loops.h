@@ -199,15 +199,16 @@ void gather_strip(const Tap* taps, const T* src, int64_t src_step, const T* weig
     }
 }
 
+// Channels_last output rows [row_begin, row_end) into `rows_out`, row row_begin at its start.
 template <typename T>
-void forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, T* output,
+void forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, T* rows_out,
                   int64_t row_begin, int64_t row_end, Tap* scratch) {
   Tap* interior_taps = scratch;
   Tap* border_taps = scratch + static_cast<int64_t>(g.kH) * g.kW;
   const Interior in = forward_interior(g, interior_taps);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.OH, oh = r % g.OH;
-    T* out_row = output + r * g.OW * g.C;
+    T* out_row = rows_out + (r - row_begin) * g.OW * g.C;
     for_each_output_pixel(
         g, n, oh, interior_taps, in, border_taps,
         [&](const Tap* taps, int ntaps, int64_t base, int64_t ow) {
@@ -455,9 +456,14 @@ void weight_grad_planes(const DwGeometry& g, const T* grad_output, const T* inpu
   void depthwise_forward(const DwGeometry& g, bool channels_last, const T* input, const T* weight, \
                          const T* bias, T* output, int64_t begin, int64_t end, void* scratch) {    \
     if (channels_last)                                                                             \
-      forward_rows<T>(g, input, weight, bias, output, begin, end, static_cast<Tap*>(scratch));     \
+      forward_rows<T>(g, input, weight, bias, output + begin * g.OW * g.C, begin, end,             \
+                      static_cast<Tap*>(scratch));                                                 \
     else                                                                                           \
       forward_planes<T>(g, input, weight, bias, output, begin, end);                               \
+  }                                                                                                \
+  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, \
+                              T* rows_out, int64_t begin, int64_t end, void* scratch) {            \
+    forward_rows<T>(g, input, weight, bias, rows_out, begin, end, static_cast<Tap*>(scratch));     \
   }                                                                                                \
   void depthwise_input_grad(const DwGeometry& g, bool channels_last, const T* grad_output,         \
                             const T* weight, T* grad_input, int64_t begin, int64_t end,            \

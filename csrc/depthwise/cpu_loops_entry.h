@@ -13,10 +13,13 @@ constexpr int64_t kCpuLoopTapBytes = 4 * sizeof(int64_t);
 
 // [begin, end) counts output rows (n, oh) in channels_last, or (n, c) planes in NCHW; the
 // weight gradient adds into `partial`: [kH*kW + 1][C] for the rows' chunk in channels_last,
-// [N][kH*kW + 1][C] (one slice per image) in NCHW.
+// [N][kH*kW + 1][C] (one slice per image) in NCHW. depthwise_forward_rows writes channels_last
+// output rows [begin, end) into a buffer of their own (a tile that stays in cache).
 #define DEPSEP_DECLARE_CPU_LOOPS(T)                                                                \
   void depthwise_forward(const DwGeometry& g, bool channels_last, const T* input, const T* weight, \
                          const T* bias, T* output, int64_t begin, int64_t end, void* scratch);     \
+  void depthwise_forward_rows(const DwGeometry& g, const T* input, const T* weight, const T* bias, \
+                              T* rows_out, int64_t begin, int64_t end, void* scratch);             \
   void depthwise_input_grad(const DwGeometry& g, bool channels_last, const T* grad_output,         \
                             const T* weight, T* grad_input, int64_t begin, int64_t end,            \
                             void* scratch);                                                        \

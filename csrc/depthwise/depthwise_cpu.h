@@ -33,6 +33,15 @@ void forward_loops(const DwGeometry& g, bool channels_last, const T* input, cons
 }
 
 template <typename T>
+void forward_rows_loops(const DwGeometry& g, const T* input, const T* weight, const T* bias,
+                        T* rows_out, int64_t begin, int64_t end, void* scratch) {
+  if (cpu_loops_use_avx2())
+    cpu_avx2::depthwise_forward_rows(g, input, weight, bias, rows_out, begin, end, scratch);
+  else
+    cpu_base::depthwise_forward_rows(g, input, weight, bias, rows_out, begin, end, scratch);
+}
+
+template <typename T>
 void input_grad_loops(const DwGeometry& g, bool channels_last, const T* grad_output,
                       const T* weight, T* grad_input, int64_t begin, int64_t end, void* scratch) {
   if (cpu_loops_use_avx2())

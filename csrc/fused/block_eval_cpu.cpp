@@ -1,0 +1,142 @@
+// CPU kernel of depsep::depthwise_pointwise_eval: the depthwise-separable block in eval as one
+// pass over tiles of output rows. Each task computes a tile of the depthwise output (BN folded
+// into the weight and bias, then the activation) into a buffer that stays in cache, and the
+// tile's 1x1 product (BN folded likewise) straight into the block output. Memory traffic: one
+// read of the input (and of each tile's halo rows), one write of the output; the depthwise
+// output never goes to memory, where the separate ops write it and read it back.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/activation.h"
+#include "common/cpu_launcher.h"
+#include "depthwise/depthwise_cpu.h"
+#include "fused/bn_act_ops.h"
+
+namespace depsep {
+namespace {
+
+// Bytes of depthwise output a tile holds: a few tiles fit in a core's L2 (the 1x1 weight
+// streams through beside them).
+constexpr int64_t kTileBytes = 128 * 1024;
+
+// BN in eval as the per-channel scale and shift of a convolution's output, as the separate
+// fused ops compute them (bn_reduce), in the accumulation type.
+std::pair<at::Tensor, at::Tensor> eval_scale_shift(int64_t C, const at::Tensor& like,
+                                                   const std::optional<at::Tensor>& bn_weight,
+                                                   const std::optional<at::Tensor>& bn_bias,
+                                                   const at::Tensor& running_mean,
+                                                   const at::Tensor& running_var, double eps,
+                                                   const char* const names[4]) {
+  const at::Tensor rm = bn_channel_vector(running_mean, names[0], C, like);
+  const at::Tensor rv = bn_channel_vector(running_var, names[1], C, like);
+  TORCH_CHECK(rm.defined() && rv.defined(), "depsep: ", names[0], " and ", names[1],
+              " are required");
+  BnVectors bn(C, like, false, rm, rv);
+  bn_reduce<CpuLauncher>(bn, at::empty({0, 3, C}, bn.mean.options()),
+                         bn_channel_vector(bn_weight, names[2], C, like),
+                         bn_channel_vector(bn_bias, names[3], C, like), eps);
+  return {bn.scale, bn.shift};
+}
+
+template <typename T>
+void activate(T* data, int64_t count, const T* shift, int64_t channels, int32_t act) {
+  for (int64_t i = 0; i < count; i += channels)
+    for (int64_t c = 0; c < channels; ++c) {
+      const T z = shift ? data[i + c] + shift[c] : data[i + c];
+      data[i + c] = bn_activate<T>(z, act);
+    }
+}
+
+template <typename T>
+void block_tiles(const DwGeometry& g, const at::Tensor& input, const at::Tensor& dw_taps,
+                 const at::Tensor& dw_shift, int32_t dw_act, const at::Tensor& pw_matrix,
+                 const at::Tensor& pw_shift, int32_t pw_act, at::Tensor& output) {
+  const int64_t C_out = pw_matrix.size(1);
+  const int64_t row = g.OW * g.C;  // depthwise output values per output row
+  const int64_t rows = g.N * g.OH;
+  const int64_t rows_per_tile = std::max<int64_t>(1, kTileBytes / (row * sizeof(T)));
+  const int64_t tiles = (rows + rows_per_tile - 1) / rows_per_tile;
+  const T* x = input.const_data_ptr<T>();
+  const T* taps = dw_taps.const_data_ptr<T>();
+  const T* dw_bias = dw_shift.const_data_ptr<T>();
+  const T* pw_bias = pw_shift.const_data_ptr<T>();
+  T* out = output.mutable_data_ptr<T>();
+  const auto options = input.options().memory_format(at::MemoryFormat::Contiguous);
+  cpu_parallel(tiles, g, [&](int64_t begin, int64_t end, void* scratch) {
+    std::vector<T> buffer(rows_per_tile * row);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t first = tile * rows_per_tile;
+      const int64_t count = std::min(rows_per_tile, rows - first);
+      forward_rows_loops<T>(g, x, taps, dw_bias, buffer.data(), first, first + count, scratch);
+      activate<T>(buffer.data(), count * row, nullptr, g.C, dw_act);
+      const int64_t pixels = count * g.OW;
+      at::Tensor a = at::from_blob(buffer.data(), {pixels, g.C}, options);
+      at::Tensor y = at::from_blob(out + first * g.OW * C_out, {pixels, C_out}, options);
+      at::mm_out(y, a, pw_matrix);
+      activate<T>(y.mutable_data_ptr<T>(), pixels * C_out, pw_bias, C_out, pw_act);
+    }
+  });
+}
+
+at::Tensor depthwise_pointwise_eval_cpu(
+    const at::Tensor& input, const at::Tensor& dw_weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& dw_bn_weight, const std::optional<at::Tensor>& dw_bn_bias,
+    const at::Tensor& dw_running_mean, const at::Tensor& dw_running_var, double dw_eps,
+    c10::string_view dw_activation, const at::Tensor& pw_weight,
+    const std::optional<at::Tensor>& pw_bn_weight, const std::optional<at::Tensor>& pw_bn_bias,
+    const at::Tensor& pw_running_mean, const at::Tensor& pw_running_var, double pw_eps,
+    c10::string_view pw_activation) {
+  const int32_t dw_act = bn_parse_activation(dw_activation);
+  const int32_t pw_act = bn_parse_activation(pw_activation);
+  const DwGeometry g = dw_geometry(input.sizes(), {dw_weight.size(-2), dw_weight.size(-1)}, stride,
+                                   padding, dilation);
+  dw_check_weight(dw_weight, input, g.C);
+  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == g.C && pw_weight.size(2) == 1 &&
+                  pw_weight.size(3) == 1,
+              "depsep: pw_weight must be [C_out, ", g.C, ", 1, 1], got ", pw_weight.sizes());
+  TORCH_CHECK(
+      pw_weight.scalar_type() == input.scalar_type() && pw_weight.device() == input.device(),
+      "depsep: pw_weight must match the input's dtype and device");
+  const auto format = input.suggest_memory_format();
+  if (!CpuLoopsCompute::has_loops(input.scalar_type()))
+    // float16/bfloat16: computed in float32, rounded once at the end.
+    return depthwise_pointwise_eval_cpu(input.to(at::kFloat), dw_weight.to(at::kFloat), stride,
+                                        padding, dilation, dw_bn_weight, dw_bn_bias,
+                                        dw_running_mean, dw_running_var, dw_eps, dw_activation,
+                                        pw_weight.to(at::kFloat), pw_bn_weight, pw_bn_bias,
+                                        pw_running_mean, pw_running_var, pw_eps, pw_activation)
+        .to(input.scalar_type())
+        .contiguous(format);
+  const int64_t C_out = pw_weight.size(0);
+  static const char* const dw_names[4] = {"dw_running_mean", "dw_running_var", "dw_bn_weight",
+                                          "dw_bn_bias"};
+  static const char* const pw_names[4] = {"pw_running_mean", "pw_running_var", "pw_bn_weight",
+                                          "pw_bn_bias"};
+  const auto [dw_scale, dw_shift] = eval_scale_shift(
+      g.C, input, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_eps, dw_names);
+  const auto [pw_scale, pw_shift] = eval_scale_shift(
+      C_out, input, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, pw_eps, pw_names);
+  const at::Tensor dw_taps = dw_tap_major(dw_weight * dw_scale.view({-1, 1, 1, 1}));
+  // [C, C_out]: the tile's [pixels, C] times it gives the block output's channels_last rows.
+  const at::Tensor pw_matrix = (pw_weight.view({C_out, g.C}) * pw_scale.view({-1, 1})).t();
+  at::Tensor output = at::empty({g.N, C_out, g.OH, g.OW},
+                                input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (output.numel() > 0)
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_pointwise_eval_cpu", [&] {
+      block_tiles<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast), dw_taps, dw_shift,
+                            dw_act, pw_matrix, pw_shift, pw_act, output);
+    });
+  return output.contiguous(format);
+}
+
+}  // namespace
+}  // namespace depsep
+
+TORCH_LIBRARY_IMPL(depsep, CPU, m) {
+  m.impl("depthwise_pointwise_eval", &depsep::depthwise_pointwise_eval_cpu);
+}
