@@ -481,10 +481,13 @@ def run_case(
         inputs = op.make_inputs(case, device)
         reference_runner = op.make_runner(case, inputs, REFERENCE)
         expected = _outputs(reference_runner)
-        # The float64 truth only for the half-precision dtypes, whose PyTorch results miss many
-        # elements: for float32 the tolerance covers PyTorch's own error, and float64
-        # convolutions are very slow on a CPU (over a minute for the model).
-        if case.dtype not in (torch.float16, torch.bfloat16) or all(reasons.values()):
+        # The float64 truth for the half-precision dtypes, whose PyTorch results miss many
+        # elements, and for the host-timed ops' tiny tensors, whose BatchNorms over a few
+        # values per channel amplify float32 rounding; for other float32 cases the tolerance
+        # covers PyTorch's own error, and float64 convolutions are very slow on a CPU (over a
+        # minute for the model).
+        wants_truth = case.dtype in (torch.float16, torch.bfloat16) or op.host_timed
+        if not wants_truth or all(reasons.values()):
             truth = expected
         else:
             case64 = dataclasses.replace(case, dtype=torch.float64)

@@ -619,9 +619,9 @@ class BnActChain(torch.autograd.Function):
     The forward runs each stage's forward op (the running statistics move once, there) and
     keeps the chain input, the stages' weights, each stage's [2, C] statistics and the inputs of
     the stages marked keep_input. The backward recomputes the other stage inputs from the
-    previous stage's, normalising with the saved statistics (an eval-mode call: the running
-    statistics do not move again), then runs each stage's backward op from the last to the
-    first. `tensors` are CHAIN_STAGE_TENSORS for every stage in turn."""
+    previous stage's as the forward computed them (the running statistics do not move again),
+    then runs each stage's backward op from the last to the first. `tensors` are
+    CHAIN_STAGE_TENSORS for every stage in turn."""
 
     @staticmethod
     def forward(ctx, stages: tuple, input, *tensors):
@@ -661,19 +661,25 @@ class BnActChain(torch.autograd.Function):
         weights = saved[count : 4 * count]
         stats = saved[4 * count :]
         for index in range(1, count):
-            if inputs[index] is None:  # recompute it with the saved statistics
+            if inputs[index] is None:  # recompute it, as the forward computed it
                 stage = stages[index - 1]
                 w, bn_w, bn_b = weights[3 * (index - 1) : 3 * index]
+                # A training stage normalises with the batch's statistics again (no running
+                # statistics to update): the same values in the same order give the forward's
+                # output bit for bit, which an eval-mode call with the saved statistics would
+                # not (it may fold BN into the weight), and over a few values per channel BN
+                # amplifies any difference. An eval stage takes its saved running statistics.
+                mean, var = (None, None) if stage.training else stats[index - 1]
                 inputs[index], _ = stage.fwd(
                     inputs[index - 1],
                     w,
                     *stage.geometry,
                     bn_w,
                     bn_b,
-                    stats[index - 1][0],
-                    stats[index - 1][1],
+                    mean,
+                    var,
                     None,
-                    False,
+                    stage.training,
                     None,
                     stage.eps,
                     stage.activation,
