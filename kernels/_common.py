@@ -8,9 +8,6 @@ from torch import Tensor
 # The fused ops' activations: the name the ops take (the public `activation=None` is "none") and
 # the code the kernels switch on. csrc/common/activation.h defines the same codes for C++.
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
-# The activations each compiled backend's kernels compute so far ("torch" computes all of
-# ACTIVATION_CODES): add an activation's name to a backend here when its kernels land.
-KERNEL_ACTIVATIONS = {"native": ("none", "relu", "relu6"), "triton": ("none", "relu", "relu6")}
 
 
 def activation_op_name(activation: str | None) -> str:

@@ -96,8 +96,8 @@ class OpSignatures:
         output_mask: Sequence[bool],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(grad_input, grad_weight, grad_bn_weight, grad_bn_bias) of pointwise_bn_act_fwd from
-        its saved input, weights and stats (the convolution, BN output and activation mask are
-        recomputed); each an empty [0] where output_mask says it is not wanted."""
+        its saved input, weights and stats (the convolution, BN output and activation derivative
+        are recomputed); each an empty [0] where output_mask says it is not wanted."""
 
     @staticmethod
     def depthwise_bn_act_fwd(

@@ -131,8 +131,8 @@ def pointwise_bn_act(
 ) -> Tensor:
     """Fused 1x1 convolution + BatchNorm + activation: the same as
     act(F.batch_norm(F.conv2d(input, weight), running_mean, running_var, bn_weight, bn_bias,
-    training, momentum, eps)), with weight [C_out, C_in, 1, 1] and activation "relu", "relu6"
-    or None.
+    training, momentum, eps)), with weight [C_out, C_in, 1, 1] and activation "relu", "relu6",
+    "silu", "hardswish" or None.
 
     When training, the running statistics (if given) are updated in place with the unbiased
     batch variance. `num_batches_tracked` (optional, like nn.BatchNorm2d's buffer) is counted up

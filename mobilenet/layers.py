@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from kernels._common import KERNEL_ACTIVATIONS
 from kernels.reference import apply_activation
 
 from . import reference
@@ -161,17 +160,6 @@ def _sync_process_group(bn: nn.Module, sync_bn: bool):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _kernels_apply(activation: str, backend: str | None) -> bool:
-    """Whether the fused ops apply `activation` themselves on `backend` (None: whichever auto
-    picks, so every compiled backend must)."""
-    if backend == "torch":
-        return True
-    names = KERNEL_ACTIVATIONS if backend is None else (backend,)
-    return all(
-        activation in KERNEL_ACTIVATIONS[name] for name in names if name in KERNEL_ACTIVATIONS
-    )
-
-
 def _activation_of(bn: nn.Module, act: nn.Module | None = None) -> str:
     """The fused ops' activation of a run: act's or, for timm's BatchNormAct2d, bn's own."""
     return activation_op(act if act is not None else norm_activation(bn))
@@ -203,14 +191,12 @@ def run_fused(
     sync_bn: bool = False,
 ) -> Tensor:
     """act(bn(conv(input))) of a fusable run (see fusable_run) by one fused op, exactly as the
-    modules compute it (fused_stage). An activation whose kernels the backend lacks so far
-    (kernels._common.KERNEL_ACTIVATIONS) follows the fused conv + BN as a PyTorch op.
+    modules compute it (fused_stage).
 
     With `sync_bn`, or when bn is an nn.SyncBatchNorm, training under torch.distributed takes
     the batch statistics over every process of the group, as nn.SyncBatchNorm does: the conv,
     then a synchronised BatchNorm, then the activation (three steps: the fused ops see one
     process's batch only)."""
-    activation = _activation_of(bn, act)
     group = _sync_process_group(bn, sync_bn)
     if group is not None:  # training, so batch statistics
         bn_args = batch_norm_arguments(bn)
@@ -222,19 +208,16 @@ def run_fused(
                 input, conv.weight, None, conv.stride, conv.padding, conv.dilation, backend=backend
             )
         y = sync_batch_norm(y, **bn_args, process_group=group)
-        return apply_activation(y, activation)
+        return apply_activation(y, _activation_of(bn, act))
 
     stage = fused_stage(conv, bn, act)
-    fused = _kernels_apply(activation, backend)
-    if not fused:
-        stage.activation = None
     fn = kernels.depthwise_bn_act if stage.depthwise else kernels.pointwise_bn_act
     geometry = (
         dict(stride=stage.stride, padding=stage.padding, dilation=stage.dilation)
         if stage.depthwise
         else {}
     )
-    y = fn(
+    return fn(
         input,
         stage.weight,
         stage.running_mean,
@@ -249,7 +232,6 @@ def run_fused(
         num_batches_tracked=stage.num_batches_tracked,
         **geometry,
     )
-    return y if fused else apply_activation(y, activation)
 
 
 def check_recompute(recompute, owner: str) -> str | None:
@@ -360,11 +342,7 @@ class FusedRuns:
         chainable = (
             len(runs) > 1
             and self.recompute is not None
-            and all(
-                _sync_process_group(members[1], self.sync_bn) is None
-                and _kernels_apply(_activation_of(*members[1:3]), self.backend)
-                for members in runs
-            )
+            and all(_sync_process_group(members[1], self.sync_bn) is None for members in runs)
         )
         if not chainable:
             for members in runs:

@@ -86,14 +86,27 @@ def _unchained(x, stages, backend):
     return x
 
 
-def _run(chained, kinds, backend, training, recompute, momentum, steps=2, dtype=torch.float32):
+SMOOTH = ("silu", "hardswish", "silu")  # the stages' activations of a chain of the smooth ones
+
+
+def _run(
+    chained,
+    kinds,
+    backend,
+    training,
+    recompute,
+    momentum,
+    steps=2,
+    dtype=torch.float32,
+    activations=("relu6", "relu", None),
+):
     """`steps` calls, then the gradients of the input and of every weight and BN parameter.
     Returns the output, the gradients and every stage's buffers after the steps."""
     tensors = _chain_tensors(kinds, dtype=dtype)
     x = torch.randn(2, kinds[0][1], 9, 9, generator=torch.Generator().manual_seed(5)).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     leaves = [x] + [t.requires_grad_() for stage in tensors for t in (stage[0], stage[3], stage[4])]
-    stages = _stages(kinds, tensors, training, momentum)
+    stages = _stages(kinds, tensors, training, momentum, activations)
     for _ in range(steps):
         if chained:
             out = kernels.bn_act_chain(x, stages, recompute=recompute, backend=backend)
@@ -124,11 +137,31 @@ def test_chain_matches_the_unchained_ops(backend, chain, recompute, training, mo
     assert int(buffers[2]) == (2 if training else 0)
 
 
-def test_chain_is_as_accurate_as_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_chain_of_smooth_activations_matches_the_unchained_ops(backend, training):
+    """silu and hardswish stages, their pre-activations recomputed in backward."""
+    kinds = CHAINS["expand-dw-project"]
+    runs = [
+        _run(chained, kinds, backend, training, "all", 0.1, activations=SMOOTH)
+        for chained in (True, False)
+    ]
+    (out, grads, buffers), (want_out, want_grads, want_buffers) = runs
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    for index, (got, want) in enumerate(zip(grads, want_grads)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"gradient {index}")
+    for index, (got, want) in enumerate(zip(buffers, want_buffers)):
+        assert torch.equal(got, want), f"buffer {index}"
+
+
+@pytest.mark.parametrize("activations", [("relu6", "relu", None), SMOOTH], ids=str)
+def test_chain_is_as_accurate_as_float64(activations):
     """Against a float64 run of the same values: the chain's recomputation changes nothing."""
     kinds = CHAINS["expand-dw-project"]
-    out, grads, _ = _run(True, kinds, "native", True, "all", 0.1)
-    exact_out, exact_grads, _ = _run(True, kinds, "torch", True, "all", 0.1, dtype=torch.float64)
+    out, grads, _ = _run(True, kinds, "native", True, "all", 0.1, activations=activations)
+    exact_out, exact_grads, _ = _run(
+        True, kinds, "torch", True, "all", 0.1, dtype=torch.float64, activations=activations
+    )
     assert_close_to_exact(out, exact_out, ACCURACY[torch.float32], "output")
     for index, (got, exact) in enumerate(zip(grads, exact_grads)):
         assert_close_to_exact(got, exact, ACCURACY[torch.float32], f"gradient {index}")

@@ -3,6 +3,7 @@ torchvision-style blocks, every activation the fused ops apply and timm's BatchN
 convert(sync_bn=True) under DistributedDataParallel with two processes. timm's blocks and the
 real networks of timm and torchvision: tests/test_models.py."""
 
+import collections
 import copy
 import os
 import sys
@@ -16,10 +17,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 import mobilenet
-from kernels._common import ACTIVATION_CODES, KERNEL_ACTIVATIONS
+from kernels._common import ACTIVATION_CODES
 from mobilenet import ConvBNAct, DepthwiseConv2d, FusedSequential, convert, reference, revert
 from mobilenet.layers import activation_op
 
@@ -321,8 +323,8 @@ def activation_cases(backends, names=tuple(ACTIVATIONS)):
 @pytest.mark.parametrize("backend,activation", activation_cases(MODEL_BACKENDS))
 def test_conv_norm_activation_runs_of_every_activation(backend, activation):
     """torchvision's Conv2dNormActivation pattern (1x1 expansion, depthwise, projection) with each
-    activation: the activation is fused with its conv and BN, and applied by the fused op where
-    the backend's kernels compute it (else right after it)."""
+    activation: the activation is fused with its conv and BN and applied by the fused op, on
+    every backend (never by a PyTorch op after it)."""
     torch.manual_seed(0)
     act = ACTIVATIONS[activation]
     model = nn.Sequential(
@@ -349,30 +351,67 @@ def test_conv_norm_activation_runs_of_every_activation(backend, activation):
         with (
             unittest.mock.patch.object(kernels, "pointwise_bn_act", spy),
             unittest.mock.patch.object(kernels, "bn_act_chain", chain_spy),
+            unittest.mock.patch.object(mobilenet.layers, "apply_activation", None),
         ):
             assert_same_training(model, fast, sample((2, 4, 7, 6)), steps=2)
     assert calls == {("pointwise_bn_act", backend): 6, ("depthwise_bn_act", backend): 3}
-    kernels_apply = backend == "torch" or activation in KERNEL_ACTIVATIONS[backend]
-    assert seen == [activation if kernels_apply else None, None] * 3
+    assert seen == [activation, None] * 3
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the operators called from Python (not those an operator calls inside itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# What an activation, or its gradient, is in PyTorch's operators.
+ACTIVATION_OPERATORS = {
+    f"aten::{name}{suffix}"
+    for name in ("relu", "hardtanh", "clamp", "clamp_min", "silu", "hardswish", "sigmoid")
+    for suffix in ("", "_", "_backward")
+} | {"aten::threshold_backward"}
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu"))
-def test_kernel_activations_list_what_the_kernels_compute(backend):
-    """KERNEL_ACTIVATIONS, which tells the layers where to apply an activation after the fused op
-    instead: each activation listed for a backend its kernels compute; the others they do not
-    yet (an error, or not that activation), and once they do, the list must name them."""
+@pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_activation_is_computed_inside_the_fused_op(backend, conv, training):
+    """Each activation of the ops on each compiled backend: one fused forward and one backward
+    operator call compute it and its gradient, no PyTorch activation operator runs beside them,
+    and the output and gradients are the reference's."""
     gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(1, 4, 2, 2, generator=gen), torch.randn(6, 4, 1, 1, generator=gen)
-    stats = (torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5, None, None)
+    c_out = 6 if conv == "pointwise" else 4
+    x = torch.randn(2, 4, 3, 3, generator=gen) * 3
+    w_shape = (c_out, 4, 1, 1) if conv == "pointwise" else (4, 1, 3, 3)
+    w = torch.randn(w_shape, generator=gen)
+    running = (torch.randn(c_out, generator=gen), torch.rand(c_out, generator=gen) + 0.5)
+    affine = (torch.rand(c_out, generator=gen) + 0.5, torch.randn(c_out, generator=gen))
+    fn = getattr(kernels, f"{conv}_bn_act")
+    geometry = {} if conv == "pointwise" else {"padding": 1}
+
+    def run(which, activation):
+        inputs = [t.clone().requires_grad_() for t in (x, w, *affine)]
+        stats = [t.clone() for t in running]
+        options = dict(training=training, activation=activation, backend=which, **geometry)
+        out = fn(*inputs[:2], *stats, *inputs[2:], **options)
+        return out, *torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    prefix = "depsep::" + ("" if backend == "native" else "triton_")
     for name in ACTIVATION_CODES:
-        options = dict(training=False, activation=None if name == "none" else name)
-        want = kernels.pointwise_bn_act(x, w, *stats, **options, backend="torch")
-        try:
-            got = kernels.pointwise_bn_act(x, w, *stats, **options, backend=backend)
-        except (RuntimeError, ValueError):
-            got = None
-        computes = got is not None and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-        assert computes == (name in KERNEL_ACTIVATIONS[backend]), (backend, name)
+        activation = None if name == "none" else name
+        with OpCalls() as counter:
+            got = run(backend, activation)
+        for g, want in zip(got, run("torch", activation)):
+            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
+        fused = {op: n for op, n in counter.calls.items() if op.startswith("depsep::")}
+        assert fused == {f"{prefix}{conv}_bn_act_fwd": 1, f"{prefix}{conv}_bn_act_bwd": 1}, name
+        assert not ACTIVATION_OPERATORS & set(counter.calls), (name, counter.calls)
 
 
 def batch_norm_act(channels, act=nn.ReLU, **kwargs):

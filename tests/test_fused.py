@@ -3,6 +3,7 @@ F.batch_norm -> activation) and against nn.Conv2d + nn.BatchNorm2d + activation 
 running statistics after several steps, and every gradient, in train and eval mode."""
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels._common import ACTIVATION_CODES
+from kernels.reference import apply_activation
 
 from .common import (
     ACCURACY,
@@ -210,11 +213,17 @@ def test_native_cpu_float32(case, training):
         (False, None, True, torch.float32),
         (True, "relu", True, torch.bfloat16),
         (False, "relu6", True, torch.bfloat16),
+        (True, "silu", True, torch.float64),
+        (False, "silu", True, torch.float32),
+        (True, "silu", False, torch.bfloat16),
+        (True, "hardswish", False, torch.float32),
+        (False, "hardswish", True, torch.float64),
+        (False, "hardswish", True, torch.bfloat16),
     ],
 )
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_native_cpu_options(conv, training, activation, affine, dtype, layout):
-    """Each activation, BN without affine parameters, float64 and bfloat16."""
+    """Each activation in train and eval, BN without affine parameters, float64 and bfloat16."""
     case = FusedCase(conv, 2, 6, 6 if conv == "depthwise" else 10, 5, 7, layout, 3, 2, 1)
     assert_matches_reference(case, "native", "cpu", dtype, training, activation, affine)
 
@@ -262,6 +271,33 @@ def test_cuda_fused_pointwise_programs_on_host(case, dtype, training):
     with float32_precision(precision):
         assert_matches_reference(
             case, "host_programs", "cpu", dtype, training, "relu6", accuracy=accuracy
+        )
+
+
+HOST_ACTIVATION_CASES = [
+    FusedCase("depthwise", 2, 7, 7, 6, 5, "channels_last", 3, 1, 1),
+    FusedCase("depthwise", 1, 16, 16, 9, 9, "nchw", 3, 2, 1),
+    FusedCase("pointwise", 2, 40, 72, 7, 9, "channels_last"),
+    FusedCase("pointwise", 1, 17, 33, 7, 6, "nchw"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", HOST_ACTIVATION_CASES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["silu", "hardswish"])
+def test_cuda_fused_programs_on_host_activations(case, dtype, training, activation):
+    """The smooth activations through the CUDA code paths run on the host (the depthwise
+    epilogue, the GEMM programs' apply epilogue, the BN thread programs and the gradient
+    passes), on a subset of the host-program grids above. hardswish's gradient jumps at -3 and
+    3, across which TF32's rounding moves some pre-activations: it runs float32 in IEEE (the GEMM
+    programs still run for bfloat16)."""
+    precision, accuracy = host_programs_precision(case, dtype)
+    if activation == "hardswish":
+        precision, accuracy = "ieee", ACCURACY[dtype]
+    with float32_precision(precision):
+        assert_matches_reference(
+            case, "host_programs", "cpu", dtype, training, activation, accuracy=accuracy
         )
 
 
@@ -360,7 +396,9 @@ def test_pointwise_programs_follow_the_conv_tf32_flag():
 @pytest.mark.parametrize("backend, device", [backend_param("triton", "cpu")])
 @pytest.mark.parametrize("case", interpreter_cases(), ids=str)
 @pytest.mark.parametrize(
-    "training, activation", [(True, "relu"), (False, "relu6"), (True, None)], ids=str
+    "training, activation",
+    [(True, "relu"), (False, "relu6"), (True, None), (True, "silu"), (False, "hardswish")],
+    ids=str,
 )
 def test_triton_interpreter(backend, device, case, training, activation):
     assert_matches_reference(case, backend, device, torch.float32, training, activation)
@@ -398,7 +436,7 @@ def test_gpu_float32_through_tf32(backend, device, training):
 
 @pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation", ["relu6", None])
+@pytest.mark.parametrize("activation", ["relu6", None, "silu", "hardswish"])
 def test_gradcheck_native_float64(conv, training, activation):
     case = FusedCase(conv, 2, 3, 3 if conv == "depthwise" else 4, 4, 3, "channels_last", 3, 2, 1)
     x, w, bn_w, bn_b, rm, rv = case.make(dtype=torch.float64)
@@ -537,6 +575,8 @@ def _opcheck_samples(backend, device):
         args = (torch.randn_like(out), x, w, *geometry, bn_w, bn_b, stats)
         yield bwd, (*args, training, 1e-5, "relu6", [True, True, True, True])
         yield bwd, (*args, training, 1e-5, "none", [False, True, False, True])
+        yield fwd, (x, w, *geometry, *bn, training, 0.1, 1e-5, "silu" if training else "hardswish")
+        yield bwd, (*args, training, 1e-5, "hardswish" if training else "silu", [True] * 4)
 
 
 @pytest.mark.parametrize("backend, device", [NATIVE_CPU, backend_param("native", "cuda")])
@@ -575,17 +615,53 @@ def test_deterministic_native_cpu():
         assert torch.equal(a, b)
 
 
-def test_nan_propagates_like_reference():
-    case = FusedCase("depthwise", 1, 4, 4, 5, 5, "channels_last")
-    x, w, bn_w, bn_b, rm, rv = case.make()
-    x[0, 1, 2, 2] = float("nan")
+# Pre-activations at every kink of the activations, beside them, and not finite.
+ACTIVATION_EDGES = [-math.inf, -6.5, -3.0, -2.75, -0.5, -0.0, 0.0, 0.25, 2.75, 3.0, 3.5, 6.0, 6.5]
+ACTIVATION_EDGES += [math.inf, math.nan, -20.0, 20.0, -100.0, 100.0]
+
+
+@pytest.mark.parametrize(
+    "backend, device",
+    [
+        NATIVE_CPU,
+        pytest.param("host_programs", "cpu", marks=NATIVE_CPU.marks, id="host_programs-cpu"),
+        backend_param("triton", "cpu"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+def test_activation_edges_like_torch(backend, device, dtype, activation):
+    """Each activation and its gradient at its kinks (hardswish's backward is 0 at -3 and passes
+    the gradient at 3, relu's 0 at 0, relu6's 0 at 0 and 6), at -0 and +-inf, and the output at
+    NaN, as PyTorch's modules and autograd compute them: eval BN that is exactly the identity
+    (variance + eps = 1) after a depthwise 1x1 convolution of weight 1, so the activation sees
+    the input."""
+    x = torch.tensor(ACTIVATION_EDGES, dtype=dtype).view(1, 1, 1, -1).repeat(2, 3, 2, 1)
+    c = x.shape[1]
+    eps = 2.0**-10
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rm, rv = torch.zeros(c, dtype=bn_dtype), torch.full((c,), 1 - eps, dtype=bn_dtype)
+    bn_w, bn_b = torch.ones(c, dtype=bn_dtype), torch.zeros(c, dtype=bn_dtype)
+    w = torch.ones(c, 1, 1, 1, dtype=dtype)
+    grad_out = torch.linspace(-2, 2, x.numel(), dtype=dtype).view(x.shape)
+    name = None if activation == "none" else activation
+    x_got, x_want = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = kernels.depthwise_bn_act(
-        x, w, rm, rv, bn_w, bn_b, padding=1, training=False, backend="native"
+        x_got, w, rm, rv, bn_w, bn_b, training=False, eps=eps, activation=name, backend=backend
     )
-    want = kernels.depthwise_bn_act(
-        x, w, rm, rv, bn_w, bn_b, padding=1, training=False, backend="torch"
-    )
-    torch.testing.assert_close(got, want, equal_nan=True)
+    (grad_got,) = torch.autograd.grad(got, x_got, grad_out)
+    want = apply_activation(x_want, activation)
+    (grad_want,) = torch.autograd.grad(want, x_want, grad_out)
+    # silu's exp may differ in the last bit between PyTorch's vectorised loops and libm, and the
+    # interpreter may round float32 to bfloat16 differently: by one bfloat16 step.
+    tol = dict(atol=0, rtol=2**-7 if dtype == torch.bfloat16 else 0)
+    if activation == "silu":
+        tol = TOLERANCES[dtype]
+    torch.testing.assert_close(got, want, equal_nan=True, **tol)
+    # At NaN PyTorch's own gradient depends on the loop (its vectorised and scalar loops of
+    # hardtanh_backward and hardswish_backward disagree), so NaN inputs are left out here.
+    number = ~x.isnan()
+    torch.testing.assert_close(grad_got[number], grad_want[number], equal_nan=True, **tol)
 
 
 @pytest.mark.parametrize("conv", ["pointwise", "depthwise"])

@@ -240,13 +240,20 @@ def _relu6_and_identity(block):
     block.pointwise[2] = nn.Identity()
 
 
+def _silu_and_hardswish(block):
+    block.depthwise[2] = nn.SiLU()
+    block.pointwise[2] = nn.Hardswish()
+
+
 BN_VARIANTS = {
     "momentum_none": _momentum_none,
     "eps_momentum": _eps_and_momentum,
     "no_affine": _no_affine,
     "no_running_stats": _no_running_stats,
     "relu6_identity": _relu6_and_identity,
+    "silu_hardswish": _silu_and_hardswish,
 }
+ACTIVATION_VARIANTS = ("relu6_identity", "silu_hardswish")
 
 
 def _variant_cases():
@@ -255,7 +262,7 @@ def _variant_cases():
         for variant in BN_VARIANTS:
             # Triton: the settings its kernels see (momentum and the running-statistics update
             # are applied in Python, alike for every backend).
-            if backend.id == "triton" and variant not in ("no_running_stats", "relu6_identity"):
+            if backend.id == "triton" and variant not in ("no_running_stats", *ACTIVATION_VARIANTS):
                 continue
             cases.append(pytest.param(backend.values[0], variant, marks=backend.marks))
     return cases

@@ -26,7 +26,10 @@ namespace depsep {
 inline int32_t bn_parse_activation(c10::string_view name) {
   if (name == "relu") return kActRelu;
   if (name == "relu6") return kActRelu6;
-  TORCH_CHECK(name == "none", "depsep: activation must be 'relu', 'relu6' or 'none', got '",
+  if (name == "silu") return kActSilu;
+  if (name == "hardswish") return kActHardswish;
+  TORCH_CHECK(name == "none",
+              "depsep: activation must be 'relu', 'relu6', 'silu', 'hardswish' or 'none', got '",
               std::string(name), "'");
   return kActNone;
 }
@@ -218,7 +221,8 @@ struct BnActPasses {
             v.S,
             chunk,
             chunks,
-            act};
+            act,
+            training};
         using Sums = BnGradSumsProgram<scalar_t, Acc, CL>;
         Launcher::template launch<Sums>(args, Sums::num_threads(args));
         using G = BnGradReduceProgram<Acc>;
@@ -435,6 +439,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_conv_forward(const Conv& conv, const a
       y.relu_();
     else if (act == kActRelu6)
       y.clamp_(0, 6);
+    else if (act == kActSilu)
+      at::silu_(y);
+    else if (act == kActHardswish)
+      at::hardswish_(y);
     return {y, bn.stats};
   } else {
     at::Tensor y = conv.forward(input, weight);

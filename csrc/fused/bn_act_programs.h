@@ -1,7 +1,7 @@
 // BatchNorm + activation around a convolution: the math and the single-source thread programs
 // (SPEC §4) that the native fused ops run on the CPU (CpuLauncher) and on the GPU
 // (CudaLauncher), so every CI run executes the GPU code's BN formulas, statistics merge and
-// activation masks.
+// activation derivatives.
 //
 // The convolution output y is seen as [N, C, S] (S = OH*OW): channels_last keeps a position's
 // C channels together, NCHW a channel's S positions. Per-channel vectors (statistics, scale,
@@ -12,9 +12,10 @@
 //   channel (deterministic, no atomics): reads y once.
 // - apply: out = act(scale * y + shift) in place: reads and writes y once.
 // - gradient sums: per (chunk, channel) sums of g_z and g_z * (y - mean), where g_z is the
-//   output gradient through the activation mask recomputed from y: reads y and grad_out once.
-// - gradient apply: g_y = k1 * g_z + k2 * (y - mean) + k3 in place of y: reads y and grad_out,
-//   writes g_y.
+//   output gradient through the activation's derivative at z recomputed from y: reads y and
+//   grad_out once.
+// - gradient apply: g_y = k1 * g_z + k2 * (y - mean) + k3 (eval: k1 * g_z) in place of y: reads
+//   y and grad_out, writes g_y.
 #pragma once
 
 #include <cmath>
@@ -235,12 +236,14 @@ struct BnGradArgs {
   const Acc* coef;  // [3][C]: k1, k2, k3 of the gradient apply pass
   int64_t N, C, S, chunk_positions, chunks;
   int32_t act;
+  bool training;  // eval: g_y = k1 * g_z alone, finite where y is not (as PyTorch's)
 };
 
+// g_z, the output gradient at the pre-activation z = scale * y + shift.
 template <typename T, typename Acc, bool ChannelsLast>
-DEPSEP_HD Acc bn_masked_grad(const BnGradArgs<T, Acc>& a, int64_t offset, int64_t c, Acc y) {
+DEPSEP_HD Acc bn_grad_z(const BnGradArgs<T, Acc>& a, int64_t offset, int64_t c, Acc y) {
   const Acc z = a.v.scale[c] * y + a.v.shift[c];
-  return bn_activation_passes(z, a.act) ? static_cast<Acc>(a.grad_out[offset]) : Acc(0);
+  return bn_activation_grad(z, static_cast<Acc>(a.grad_out[offset]), a.act);
 }
 
 // Gradient pass 1: one thread = one (chunk, channel), like the statistics pass.
@@ -258,7 +261,7 @@ struct BnGradSumsProgram {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t offset = bn_offset<ChannelsLast>(p, c, a.C, a.S);
       const Acc y = static_cast<Acc>(a.y[offset]);
-      const Acc g = bn_masked_grad<T, Acc, ChannelsLast>(a, offset, c, y);
+      const Acc g = bn_grad_z<T, Acc, ChannelsLast>(a, offset, c, y);
       sum_g += g;
       sum_gy += g * (y - mean);
     }
@@ -320,9 +323,10 @@ struct BnGradApplyProgram {
     for (int64_t i = span.begin; i < span.end; ++i) {
       const int64_t c = ChannelsLast ? span.c + (i - span.begin) : span.c;
       const Acc y = static_cast<Acc>(a.y[i]);
-      const Acc g = bn_masked_grad<T, Acc, ChannelsLast>(a, i, c, y);
-      a.y[i] =
-          static_cast<T>(a.coef[c] * g + a.coef[a.C + c] * (y - a.v.mean[c]) + a.coef[2 * a.C + c]);
+      const Acc g = bn_grad_z<T, Acc, ChannelsLast>(a, i, c, y);
+      Acc g_y = a.coef[c] * g;
+      if (a.training) g_y += a.coef[a.C + c] * (y - a.v.mean[c]) + a.coef[2 * a.C + c];
+      a.y[i] = static_cast<T>(g_y);
     }
   }
 };

@@ -11,7 +11,8 @@ for float64 input) and hands it to one shared epilogue, `_bn_act_epilogue`, whic
 - APPLY       out = act(y * scale + shift), scale and shift per channel (BN folded into them)
 - STATS       per (row block, channel): the block's mean and sum of squared deviations of y
 - GRAD_STATS  per (row block, channel): sums of g_z and g_z * xhat, g_z = grad_out * act'(z)
-- GRAD        g_y = scale * (g_z - mean(g_z) - xhat * mean(g_z * xhat)) (eval: scale * g_z)
+- GRAD        g_y = scale * (g_z - mean(g_z) - xhat * mean(g_z * xhat))
+- GRAD_EVAL   g_y = scale * g_z (eval: finite where y is not, as torch's)
 - STORE       y itself (also, as an option, alongside STATS and GRAD_STATS)
 
 Row blocks are fixed by the shape (never autotuned), partials are written to [2, blocks, C]
@@ -42,7 +43,7 @@ Bytes moved, with x the input, y the convolution output (= out, grad_output, g_y
   skips GRAD_STATS: x + 2y for g_y.
 
 Autograd (kernels/_ops.py) saves the input, the weights and the per-channel mean and variance:
-y, z and the activation mask are recomputed here, never stored across the forward.
+y, z and the activation's derivative are recomputed here, never stored across the forward.
 """
 
 import torch
@@ -74,9 +75,12 @@ _APPLY = tl.constexpr(1)
 _STATS = tl.constexpr(2)
 _GRAD_STATS = tl.constexpr(3)
 _GRAD = tl.constexpr(4)
+_GRAD_EVAL = tl.constexpr(5)
 _NONE = tl.constexpr(ACTIVATION_CODES["none"])
 _RELU = tl.constexpr(ACTIVATION_CODES["relu"])
 _RELU6 = tl.constexpr(ACTIVATION_CODES["relu6"])
+_SILU = tl.constexpr(ACTIVATION_CODES["silu"])
+_HARDSWISH = tl.constexpr(ACTIVATION_CODES["hardswish"])
 
 # Rows of the per-channel coefficient table `coef` [rows, C] the epilogues read.
 _SCALE, _SHIFT, _INVSTD, _MEAN, _MEAN_GZ, _MEAN_GZ_XHAT = map(tl.constexpr, range(6))
@@ -100,21 +104,34 @@ _WGRAD_PARTIAL_ELEMENTS = 2**21
 
 @triton.jit
 def _activation(z, ACT: tl.constexpr):
-    """act(z); NaN propagates as in torch (relu(NaN) = NaN)."""
+    """act(z) as torch computes it: NaN propagates (relu(NaN) = NaN); silu is z / (1 + exp(-z))
+    and hardswish z * clamp(z + 3, 0, 6) / 6, both NaN at -inf."""
     if ACT == _RELU:
         z = tl.where(z < 0, 0.0, z)
     elif ACT == _RELU6:
         z = tl.where(z < 0, 0.0, tl.where(z > 6, 6.0, z))
+    elif ACT == _SILU:
+        z = z / (1.0 + tl.exp(-z))
+    elif ACT == _HARDSWISH:
+        t = z + 3.0
+        z = z * tl.where(t < 0, 0.0, tl.where(t > 6, 6.0, t)) / 6.0
     return z
 
 
 @triton.jit
 def _activation_grad(z, g, ACT: tl.constexpr):
-    """g * act'(z), act' as torch's threshold_backward / hardtanh_backward define it."""
+    """g * act'(z), act' as torch's backward kernels define it, ties at a kink and NaN included:
+    threshold_backward, hardtanh_backward, silu_backward (s * (1 + z * (1 - s)), s = sigmoid(z))
+    and hardswish_backward (0 where z <= -3, z / 3 + 1/2 where z < 3, else 1: also at NaN)."""
     if ACT == _RELU:
-        g = tl.where(z > 0, g, 0.0)
+        g = tl.where(z <= 0, 0.0, g)
     elif ACT == _RELU6:
         g = tl.where((z <= 0) | (z >= 6), 0.0, g)
+    elif ACT == _SILU:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        g = g * s * (1.0 + z * (1.0 - s))
+    elif ACT == _HARDSWISH:
+        g = tl.where(z <= -3, 0.0, tl.where(z < 3, g * (z / 3.0 + 0.5), g))
     return g
 
 
@@ -170,11 +187,13 @@ def _bn_act_epilogue(
             tl.store(partial + num_block_rows * C, g_z_xhat, mask=chan_mask)
             if STORE_Y:
                 tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
+        elif EPILOGUE == _GRAD:
             mean_g_z = tl.load(coef_ptr + _MEAN_GZ * C + chan, mask=chan_mask, other=0.0)
             mean_g_z_xhat = tl.load(coef_ptr + _MEAN_GZ_XHAT * C + chan, mask=chan_mask, other=0.0)
             g_y = scale * (g_z - mean_g_z - xhat * mean_g_z_xhat)
             tl.store(out_ptr + offs, g_y.to(out_ptr.dtype.element_ty), mask=mask)
+        else:  # GRAD_EVAL: without the batch statistics' terms, finite where xhat is not
+            tl.store(out_ptr + offs, (scale * g_z).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # One config: the kernel works in place, so autotuning's repeated launches would corrupt y.
@@ -959,13 +978,12 @@ def _bn_act_bwd(
         if training:
             count = grad_output.numel() // max(grad_output.shape[1], 1)
             coef += [sums[0] / count, sums[1] / count]
-        else:
-            coef += [torch.zeros_like(mean)] * 2
+        epilogue = _GRAD.value if training else _GRAD_EVAL.value
         if g_y is not None:
-            _elementwise(conv, _GRAD.value, g_y, torch.stack(coef), act, go=grad_output)
+            _elementwise(conv, epilogue, g_y, torch.stack(coef), act, go=grad_output)
         else:
             g_y = conv.new_output()
-            conv.run(_GRAD.value, act, out=g_y, go=grad_output, coef=torch.stack(coef))
+            conv.run(epilogue, act, out=g_y, go=grad_output, coef=torch.stack(coef))
         grad_input, grad_weight = conv.input_and_weight_grads(g_y, need_input, need_weight)
     if grad_weight is not None:
         grad_weight = _strided_like(grad_weight, conv.weight)
