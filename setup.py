@@ -43,7 +43,12 @@ with_cuda = (
     and os.path.exists(os.path.join(_cuda_home, "bin", "nvcc"))
 )
 
-# fp-contract: the host run fuses multiply-adds as nvcc does on the GPU, and the CPU loops get FMA.
+# fp-contract=fast lets GCC fuse a * b + c into an FMA where the target has one: the AVX2 build of
+# the CPU loops (cpu_loops_avx2.cpp). Everything else, the host run of the thread and block
+# programs included, is built for the default x86-64 target, which has no FMA: there each product
+# rounds before its sum, where nvcc (--fmad=true, its default) fuses, so the host run of a
+# program computes the GPU's formulas in the GPU's order but matches its results to rounding,
+# not bit for bit.
 # no-psabi: the CPU loops' 32-byte vectors never cross a function boundary of the non-AVX
 # build (internal, inlined), so GCC's note that their ABI differs there does not apply.
 extra_compile_args = {"cxx": ["-O3", "-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi"]}

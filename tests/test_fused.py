@@ -5,6 +5,7 @@ running statistics after several steps, and every gradient, in train and eval mo
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -649,3 +650,30 @@ def test_a_5_percent_error_fails_in_every_dtype(conv, dtype):
         off = g * 1.05
         with pytest.raises(AssertionError):
             assert_close_to_exact(off, w, ACCURACY[dtype], f"result {index}", e)
+
+
+@pytest.mark.parametrize("backend", ["native", "host_programs"])
+def test_bn_scale_is_float32_math(backend):
+    """1 / sqrt(var + eps) in float32 arithmetic, as the GPU's float sqrt and division give it
+    (a double sqrt on the host would round the quotient differently): a 1x1 depthwise
+    convolution of ones with weight 1, mean 0 and beta 0 outputs the BN scale itself."""
+    c = 4096
+    var = torch.rand(c, generator=torch.Generator().manual_seed(0)) * 4
+    eps = 1e-5
+    x = torch.ones(1, c, 1, 1)
+    out = kernels.depthwise_bn_act(
+        x,
+        torch.ones(c, 1, 1, 1),
+        torch.zeros(c),
+        var,
+        torch.ones(c),
+        torch.zeros(c),
+        eps=eps,
+        training=False,
+        activation=None,
+        backend=backend,
+    )
+    # numpy's float32 sqrt and division are IEEE's, correctly rounded (torch's CPU sqrt is not).
+    v = var.numpy() + np.float32(eps)
+    want = torch.from_numpy(np.float32(1) / np.sqrt(v))
+    assert torch.equal(out.flatten(), want)

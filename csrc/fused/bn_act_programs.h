@@ -26,9 +26,11 @@
 
 namespace depsep {
 
+// std::sqrt of Acc on the host, as the GPU's float overload: an unqualified sqrt would be the C
+// library's double one there, and 1 / (a double) rounds differently from a float division.
 template <typename Acc>
 DEPSEP_HD Acc bn_invstd(Acc var, Acc eps) {
-  return Acc(1) / sqrt(var + eps);
+  return Acc(1) / std::sqrt(var + eps);
 }
 
 // Positions per statistics chunk: from the shape only, so results never depend on the device
