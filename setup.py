@@ -1,5 +1,6 @@
 """Builds kernels._C from csrc/: the C++ sources always, the CUDA sources whenever torch is a
-CUDA build and nvcc is found (no GPU needed). DEPSEP_SKIP_CUDA_BUILD=1 builds the CPU part only.
+CUDA build and nvcc is found (no GPU needed). DEPSEP_SKIP_CUDA_BUILD=1 builds the CPU part only;
+DEPSEP_COVERAGE=1 builds the C++ sources at -O0 with gcov instrumentation.
 TORCH_CUDA_ARCH_LIST is honoured (default: sm_80 and sm_90)."""
 
 import glob
@@ -55,6 +56,11 @@ extra_compile_args = {"cxx": ["-O3", "-fvisibility=hidden", "-ffp-contract=fast"
 # at::parallel_for runs serially unless the extension itself is built with OpenMP; the libgomp
 # this links is torch's own (same soname, already loaded), so one thread pool serves both.
 extra_link_args = []
+if os.environ.get("DEPSEP_COVERAGE") == "1":
+    # gcov instrumentation for `make coverage` (.ci/device_coverage.py builds a copy with it).
+    extra_compile_args["cxx"] = ["-O0" if a == "-O3" else a for a in extra_compile_args["cxx"]]
+    extra_compile_args["cxx"].append("--coverage")
+    extra_link_args.append("--coverage")
 if sys.platform.startswith("linux"):
     extra_compile_args["cxx"].append("-fopenmp")
     extra_link_args.append("-fopenmp")

@@ -1,0 +1,79 @@
+"""`make gpu-check`'s script in its --dry mode, which runs on any machine: the plan (build, each
+test file with GPU tests in its own process, native before Triton, the sanitizer, the
+benchmarks), one folder of at most 8 files, and how the steps' statuses make the check's."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / ".ci" / "gpu_check.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dry(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--dry", "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_dry_run_plans_every_step_and_writes_one_summary(tmp_path):
+    (tmp_path / "summary.md").write_text("an earlier run's")
+    done = _dry(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# GPU check: passed")
+    assert "an earlier run's" not in summary
+    steps = [
+        line.split(" | ")[0].lstrip("| ") for line in summary.splitlines() if "| dry |" in line
+    ]
+    assert steps[0] == "build" and steps[-1] == "bench"
+    assert steps.index("tests native test_depthwise") == 1
+    natives = [i for i, s in enumerate(steps) if s.startswith("tests native")]
+    tritons = [i for i, s in enumerate(steps) if s.startswith("tests triton")]
+    assert natives and tritons and max(natives) < min(tritons)
+    assert {"memcheck", "racecheck gemm"} <= set(steps)
+    assert "-m gpu" in summary and "--time-limit" in summary
+
+
+def test_a_failing_test_file_fails_the_check_but_the_benchmarks_still_run(tmp_path):
+    done = _dry(tmp_path, "--dry-fail", "tests native test_fused")
+    assert done.returncode == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# GPU check: failed")
+    assert "| tests native test_fused | failed |" in summary
+    assert "| bench | dry |" in summary
+
+
+def test_statuses_combine_into_the_checks():
+    """A build, test or sanitizer step that failed or timed out fails the check; the benchmarks
+    and a step cut by the time budget do not."""
+    gpu_check = _load()
+    steps = gpu_check.plan("python", "9.0", "compute-sanitizer", Path("out"))
+    assert [s.kind for s in steps][:2] == ["build", "tests"] and steps[-1].kind == "bench"
+    for step in steps:
+        step.status = "passed"
+    assert gpu_check.combine(steps) == "passed"
+    steps[-1].status = "failed"
+    assert gpu_check.combine(steps) == "passed"
+    for index in (0, 1, -2):
+        for status in ("failed", "timeout"):
+            steps[index].status = status
+            assert gpu_check.combine(steps) == "failed", (steps[index].name, status)
+        steps[index].status = "not run"
+        assert gpu_check.combine(steps) == "passed"
+
+
+def test_a_failed_build_runs_no_test(tmp_path):
+    done = _dry(tmp_path, "--dry-fail", "build")
+    assert done.returncode == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| tests native test_depthwise | not run |" in summary
+    assert "| memcheck | not run |" in summary and "| bench | not run |" in summary
