@@ -114,9 +114,18 @@ def plan(python: str, arch: str, sanitizer: str | None, out_dir: Path) -> list[S
     if sanitizer:
         driver = str(ROOT / ".ci" / "sanitizer_ops.py")
         common = [sanitizer, "--error-exitcode", "1", "--target-processes", "all"]
+        # Each tensor its own allocation: inside the caching allocator's blocks an access past
+        # a tensor's end would land in memory memcheck counts as allocated. PYTHONPATH: the
+        # driver, a script in .ci/, imports kernels from the checkout.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        no_cache = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "PYTHONPATH": path}
         steps.append(
             Step(
-                "memcheck", "sanitizer", [*common, "--tool", "memcheck", python, driver], MEMCHECK_S
+                "memcheck",
+                "sanitizer",
+                [*common, "--tool", "memcheck", python, driver],
+                MEMCHECK_S,
+                no_cache,
             )
         )
         steps.append(
@@ -125,6 +134,7 @@ def plan(python: str, arch: str, sanitizer: str | None, out_dir: Path) -> list[S
                 "sanitizer",
                 [*common, "--tool", "racecheck", python, driver, "--gemm"],
                 RACECHECK_S,
+                no_cache,
             )
         )
     bench = [python, "-m", "bench", "--device", "cuda", "--no-progress", "--out", str(out_dir)]
