@@ -305,6 +305,22 @@ def test_pointwise_programs_statistics_blocks_of_several_tiles():
     torch.testing.assert_close(var.double(), y.var(0, unbiased=False), **tol)
 
 
+def test_depthwise_programs_statistics_of_many_chunks():
+    """Past 32 statistics chunks, groups of 32 merge level by level (a tree fixed by the chunk
+    count) before the per-channel merge: 64 images of 20 output rows make 1280 one-row chunks,
+    two levels. float32 statistics of float32 values, float32-accurate."""
+    case = FusedCase("depthwise", 64, 8, 8, 20, 20, "channels_last", 3, 1, 1)
+    x, w, bn_w, bn_b, _, _ = case.make()
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])
+    _, (mean, var) = ops("host_programs").depthwise_bn_act_fwd(
+        x, w, *geometry, bn_w, bn_b, None, None, None, True, 0.1, 1e-5, "none"
+    )
+    y = F.conv2d(x.double(), w.double(), None, 1, 1, 1, case.c_in)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(mean.double(), y.mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(var.double(), y.var((0, 2, 3), unbiased=False), **tol)
+
+
 def _tf32_ties(t):
     """Values halfway between two neighbouring TF32 numbers, the neighbour away from zero and
     the one towards zero."""
