@@ -8,9 +8,9 @@ op bodies) and also runs on the host through the CPU and depsep_host ops; the CU
 Steps: copy the checkout's files into build/coverage/src (so the normal build stays as it is;
 unchanged files keep their timestamps, so ninja rebuilds only what changed), build it there
 CPU-only at -O0 with gcov instrumentation (DEPSEP_COVERAGE=1 DEPSEP_SKIP_CUDA_BUILD=1), run the
-test suite there (or the pytest arguments given after --), then read gcov's JSON records of every
-object file and report per device-code file its executed and executable lines, the executable
-lines never executed, and two totals:
+test suite there (DEFAULT_PYTEST, or the pytest arguments given after --), then read gcov's JSON
+records of every object file and report per device-code file its executed and executable lines,
+the executable lines never executed, and two totals:
 - device code executed by CPU tests: over the host-compiled device code (what gcov sees);
 - all device code: the same with the CUDA-only files' code lines counted as not executed.
 
@@ -119,11 +119,22 @@ def object_files() -> list[Path]:
     return sorted((COPY / "build").rglob("*.o"))
 
 
+# At -O0 GCC forms no FMA in the AVX2 CPU loops (not device code), whose float32 rounding then
+# falls outside the slack of the tests that hold the native CPU backend to oneDNN's accuracy on
+# whole networks; they pass in the normal -O3 build.
+DEFAULT_PYTEST = [
+    "tests",
+    "-q",
+    "-k",
+    "not test_train_example and not test_network_float32_step_as_accurate",
+]
+
+
 def run_tests(env: dict, pytest_args: list[str]) -> int:
     for data in (COPY / "build").rglob("*.gcda"):
         data.unlink()
     env = {**env, "PYTHONPATH": str(COPY), "DEPSEP_SKIP_CUDA_BUILD": "1"}
-    command = [sys.executable, "-m", "pytest", *(pytest_args or ["tests", "-q"])]
+    command = [sys.executable, "-m", "pytest", *(pytest_args or DEFAULT_PYTEST)]
     return subprocess.run(command, cwd=COPY, env=env).returncode
 
 
