@@ -43,7 +43,7 @@ gpu-check:
 # Which lines of the device code (what nvcc compiles) the CPU tests execute: a gcov build in
 # build/coverage, the test suite there, the report in build/coverage/report.txt.
 coverage: $(STAMP_ENV)
-	$(PY) .ci/device_coverage.py
+	$(PY) .ci/device_coverage.py --fail-under 95
 
 clean:
 	rm -rf build kernels/*.so $(STAMP_BLD)
