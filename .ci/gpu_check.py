@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,30 +174,33 @@ class Runner:
             step.status = "failed" if failing else "dry"
             step.log = f"dry run: {' '.join(step.command)} (timeout {timeout_s or 0:.0f} s)"
         else:
-            try:
-                done = subprocess.run(
-                    step.command,
-                    cwd=ROOT,
-                    env={**os.environ, **step.env},
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    errors="replace",
-                    timeout=timeout_s,
-                )
-                step.log = done.stdout
-                if done.returncode == 0:
+            # A session of its own: a timeout kills the step's whole process group (pytest's
+            # workers, the python under compute-sanitizer), not just its first process.
+            with subprocess.Popen(
+                step.command,
+                cwd=ROOT,
+                env={**os.environ, **step.env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            ) as process:
+                try:
+                    step.log, _ = process.communicate(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    step.log, _ = process.communicate()
+                    step.log += f"\n[timed out after {timeout_s:.0f} s]"
+                    step.status = "timeout"
+            if step.status != "timeout":
+                if process.returncode == 0:
                     step.status = "passed"
-                elif done.returncode == step.empty_status:
+                elif process.returncode == step.empty_status:
                     step.status = "empty"
                 else:
                     step.status = "failed"
-                    step.log += f"\n[exit status {done.returncode}]"
-            except subprocess.TimeoutExpired as expired:
-                output = expired.stdout or ""
-                step.log = output.decode(errors="replace") if isinstance(output, bytes) else output
-                step.log += f"\n[timed out after {timeout_s:.0f} s]"
-                step.status = "timeout"
+                    step.log += f"\n[exit status {process.returncode}]"
         step.seconds = time.monotonic() - began
         print(f"[{self.elapsed():5.0f} s] {step.name}: {step.status} ({step.seconds:.0f} s)")
 

@@ -77,3 +77,25 @@ def test_a_failed_build_runs_no_test(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| tests native test_depthwise | not run |" in summary
     assert "| memcheck | not run |" in summary and "| bench | not run |" in summary
+
+
+def test_the_runner_reads_exit_statuses_and_kills_a_step_past_its_timeout():
+    gpu_check = _load()
+    runner = gpu_check.Runner(dry=False, dry_fail=[], start=0.0)
+
+    def run(code, timeout_s=30.0):
+        step = gpu_check.Step("s", "tests", [sys.executable, "-c", code], empty_status=5)
+        runner.run(step, timeout_s)
+        return step
+
+    assert run("print('fine')").status == "passed"
+    assert run("import sys; sys.exit(5)").status == "empty"
+    failed = run("import sys; print('broken'); sys.exit(2)")
+    assert failed.status == "failed" and "broken" in failed.log and "exit status 2" in failed.log
+    # A child that outlives its parent's kill would keep the pipe open: the group dies.
+    slow = run(
+        "import subprocess, sys, time; print('started', flush=True);"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)",
+        timeout_s=2.0,
+    )
+    assert slow.status == "timeout" and "started" in slow.log and slow.seconds < 20
