@@ -36,7 +36,7 @@ SANITIZER_END_S = 400.0  # no sanitizer run starts later than this
 BENCH_RESERVE_S = 40.0  # after the bench's time limit: its last measurement and its files
 MAX_FILES = 8
 LOG_TAIL_LINES = 200
-REQUIRED = ("ninja", "pytest")
+REQUIRED = ("ninja", "pytest")  # ninja: the build's (torch looks for its executable)
 BENCH_MODULES = ("tqdm", "tabulate", "matplotlib")
 # Files with the native CUDA kernels' own tests first; the rest in name order.
 FIRST = ("test_depthwise.py", "test_fused.py", "test_bad_input.py", "test_chain.py")
@@ -206,7 +206,12 @@ class Runner:
 
 
 def missing_modules(names) -> list[str]:
-    return [name for name in names if importlib.util.find_spec(name) is None]
+    def found(name):
+        return importlib.util.find_spec(name) is not None or (
+            name == "ninja" and shutil.which("ninja") is not None
+        )
+
+    return [name for name in names if not found(name)]
 
 
 def gpu_arch() -> tuple[str, str]:
