@@ -53,8 +53,9 @@ def test_a_failing_test_file_fails_the_check_but_the_benchmarks_still_run(tmp_pa
 
 
 def test_statuses_combine_into_the_checks():
-    """A build, test or sanitizer step that failed or timed out fails the check; the benchmarks
-    and a step cut by the time budget do not."""
+    """A build, test or sanitizer step that failed fails the check, and so does a build or test
+    step that timed out; the benchmarks, a sanitizer run cut by its time cap and a step left out
+    for lack of time do not."""
     gpu_check = _load()
     steps = gpu_check.plan("python", "9.0", "compute-sanitizer", Path("out"))
     assert [s.kind for s in steps][:2] == ["build", "tests"] and steps[-1].kind == "bench"
@@ -66,7 +67,8 @@ def test_statuses_combine_into_the_checks():
     for index in (0, 1, -2):
         for status in ("failed", "timeout"):
             steps[index].status = status
-            assert gpu_check.combine(steps) == "failed", (steps[index].name, status)
+            fails = status == "failed" or steps[index].kind != "sanitizer"
+            assert gpu_check.combine(steps) == ("failed" if fails else "passed"), steps[index].name
         steps[index].status = "not run"
         assert gpu_check.combine(steps) == "passed"
 
