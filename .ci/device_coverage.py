@@ -16,7 +16,8 @@ the executable lines never executed, and two totals:
 
 gcov knows only code the host compiles: lines under `#ifdef __CUDA_ARCH__` and function
 templates no host translation unit instantiates are not in its records, so they count in
-neither total.
+neither total. And GCC gives code in a macro's arguments the macro's line: the body of an
+AT_DISPATCH_* lambda in the op bodies counts as one line (the report lists how many lines).
 
     python .ci/device_coverage.py [--fail-under PERCENT] [--skip-tests] [-- PYTEST ARGS]
 """
@@ -79,6 +80,23 @@ def code_lines(text: str) -> list[int]:
         if not stripped or stripped.startswith(("//", "#")) or stripped in ("{", "}", "};"):
             continue
         lines.append(number)
+    return lines
+
+
+def macro_argument_lines(text: str) -> set[int]:
+    """Lines inside the arguments of an AT_DISPATCH_* macro (after the macro's own line): GCC
+    gives all code in a macro's arguments the line of the macro, so gcov counts such a dispatch
+    body, lambda and all, as that one line."""
+    lines: set[int] = set()
+    for match in re.finditer(r"\bAT_DISPATCH_\w+\s*\(", text):
+        depth, end = 0, match.end() - 1
+        for end in range(match.end() - 1, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        first = text.count("\n", 0, match.start()) + 1
+        last = text.count("\n", 0, end) + 1
+        lines.update(range(first + 1, last + 1))
     return lines
 
 
@@ -203,6 +221,17 @@ def report(counts: dict[str, dict[int, int]], files: list[str]) -> tuple[str, fl
     host_percent = 100.0 * host_hit / host_total if host_total else 100.0
     out.append("Executable lines the CPU tests never execute:")
     out += missing or ["  none"]
+    folded = []
+    for name in files:
+        if not cuda_only(name):
+            text = (ROOT / name).read_text()
+            n = len(macro_argument_lines(text) & set(code_lines(text)))
+            if n:
+                folded.append(f"  {name:46} {n:6d} lines")
+    if folded:
+        out.append("Code lines in AT_DISPATCH macro arguments, which gcov counts as the macro's")
+        out.append("line (executed when any of that body ran):")
+        out += folded
     out.append("CUDA-only (no host build; code lines counted from the source):")
     for name in files:
         if cuda_only(name):
