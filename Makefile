@@ -1,7 +1,8 @@
 # make test       set up .venv (first run only), build kernels._C, run the test suite
 # make bench      same set-up, then the default benchmark (CPU comparison without a GPU)
 # make gpu-check  on a GPU machine: this machine's own torch, nothing installed from the
-#                 network; build, the whole suite on the GPU, then the GPU benchmarks
+#                 network; build, the GPU tests, compute-sanitizer, then the GPU benchmarks
+# make coverage   the lines of the device code that the CPU tests execute (gcov)
 # make build      (re)build kernels._C when csrc/ or setup.py changed
 
 VENV      := .venv
@@ -10,13 +11,8 @@ STAMP_ENV := $(VENV)/.depsep-installed
 STAMP_BLD := $(VENV)/.depsep-built
 SOURCES   := $(shell find csrc -type f) setup.py
 REQS      := requirements-dev.txt
-RESULTS   := bench/results/$(shell date +%Y-%m-%d)-gpu
-# gpu-check must finish within 8 minutes (SPEC §5): its benchmarks start no measurement later
-# than this many seconds after make started, leaving time for the last one and the files.
-GPU_CHECK_S := 450
-START     := $(shell date +%s)
 
-.PHONY: test bench build gpu-check clean
+.PHONY: test bench build gpu-check coverage clean
 
 test: $(STAMP_BLD)
 	$(PY) -m pytest tests
@@ -38,18 +34,16 @@ $(STAMP_BLD): $(STAMP_ENV) $(SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
-# The benchmarks run even when a test fails (their numbers are still wanted); the target
-# fails with the tests' status. The folder ends with tests.log, results.csv, summary.md and one
-# PNG per op: 8 files.
-gpu-check: SHELL := /bin/bash
+# .ci/gpu_check.py: build for this GPU, its tests (the benchmarks run even when one fails; the
+# target fails with the tests' status), compute-sanitizer, then the benchmarks, within 8 minutes,
+# into bench/results/<date>-gpu (at most 8 files). `python3 .ci/gpu_check.py --dry` on any machine.
 gpu-check:
-	python3 setup.py --quiet build_ext --inplace
-	mkdir -p $(RESULTS)
-	python3 -m pytest tests -q 2>&1 | tee $(RESULTS)/tests.log; \
-	status=$${PIPESTATUS[0]}; \
-	python3 -m bench --device cuda --out $(RESULTS) \
-		--time-limit $$(( $(GPU_CHECK_S) - $$(date +%s) + $(START) )); \
-	exit $$status
+	python3 .ci/gpu_check.py
+
+# Which lines of the device code (what nvcc compiles) the CPU tests execute: a gcov build in
+# build/coverage, the test suite there, the report in build/coverage/report.txt.
+coverage: $(STAMP_ENV)
+	$(PY) .ci/device_coverage.py --fail-under 95
 
 clean:
 	rm -rf build kernels/*.so $(STAMP_BLD)

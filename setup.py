@@ -1,5 +1,6 @@
 """Builds kernels._C from csrc/: the C++ sources always, the CUDA sources whenever torch is a
-CUDA build and nvcc is found (no GPU needed). DEPSEP_SKIP_CUDA_BUILD=1 builds the CPU part only.
+CUDA build and nvcc is found (no GPU needed). DEPSEP_SKIP_CUDA_BUILD=1 builds the CPU part only;
+DEPSEP_COVERAGE=1 builds the C++ sources at -O0 with gcov instrumentation.
 TORCH_CUDA_ARCH_LIST is honoured (default: sm_80 and sm_90)."""
 
 import glob
@@ -43,13 +44,23 @@ with_cuda = (
     and os.path.exists(os.path.join(_cuda_home, "bin", "nvcc"))
 )
 
-# fp-contract: the host run fuses multiply-adds as nvcc does on the GPU, and the CPU loops get FMA.
+# fp-contract=fast lets GCC fuse a * b + c into an FMA where the target has one: the AVX2 build of
+# the CPU loops (cpu_loops_avx2.cpp). Everything else, the host run of the thread and block
+# programs included, is built for the default x86-64 target, which has no FMA: there each product
+# rounds before its sum, where nvcc (--fmad=true, its default) fuses, so the host run of a
+# program computes the GPU's formulas in the GPU's order but matches its results to rounding,
+# not bit for bit.
 # no-psabi: the CPU loops' 32-byte vectors never cross a function boundary of the non-AVX
 # build (internal, inlined), so GCC's note that their ABI differs there does not apply.
 extra_compile_args = {"cxx": ["-O3", "-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi"]}
 # at::parallel_for runs serially unless the extension itself is built with OpenMP; the libgomp
 # this links is torch's own (same soname, already loaded), so one thread pool serves both.
 extra_link_args = []
+if os.environ.get("DEPSEP_COVERAGE") == "1":
+    # gcov instrumentation for `make coverage` (.ci/device_coverage.py builds a copy with it).
+    extra_compile_args["cxx"] = ["-O0" if a == "-O3" else a for a in extra_compile_args["cxx"]]
+    extra_compile_args["cxx"].append("--coverage")
+    extra_link_args.append("--coverage")
 if sys.platform.startswith("linux"):
     extra_compile_args["cxx"].append("-fopenmp")
     extra_link_args.append("-fopenmp")

@@ -270,9 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1 if args.quick else len(os.sched_getaffinity(0)))
+    try:
+        _run(args, device, argv)
+    finally:
+        # The caller's thread count (tests call main in-process).
+        torch.set_num_threads(threads)
 
+
+def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> None:
     availability = backend_availability(device)
     known = [REFERENCE, *availability, *(b for op in OPS.values() for b in op.baselines)]
     unknown = sorted(set(args.backends or ()) - set(known))

@@ -6,7 +6,7 @@ import torch
 
 import kernels
 
-from .common import backend_params, ops
+from .common import backend_param, backend_params, ops
 
 x = torch.randn(2, 4, 8, 8)
 w = torch.randn(4, 1, 3, 3)
@@ -67,6 +67,73 @@ def test_empty_spatial_output_with_1x1_kernel_and_empty_batch(backend):
         torch.randn(0, 4, 3, 3), torch.randn(4, 1, 1, 1), backend=backend
     )
     assert out.shape == (0, 4, 3, 3)
+
+
+# An empty input whose padded output is not: the native CPU loops, the CUDA thread programs on
+# the host, and the CUDA kernels (where a launch of 0 blocks is an invalid configuration).
+EMPTY_INPUT_BACKENDS = [
+    backend_param("native", "cpu"),
+    pytest.param("host_programs", "cpu", id="host_programs-cpu"),
+    backend_param("native", "cuda"),
+]
+
+
+@pytest.mark.parametrize("backend,device", EMPTY_INPUT_BACKENDS)
+def test_empty_input_with_a_padded_output(backend, device):
+    """Input [1, 4, 0, 5], a 1x1 kernel, padding 1: the output [1, 4, 2, 7] is the bias, the
+    input gradient is empty (its kernel has no thread to run) and the weight gradient zero."""
+    x = torch.randn(1, 4, 0, 5, device=device, requires_grad=True)
+    w = torch.randn(4, 1, 1, 1, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    out = kernels.depthwise_conv2d(x, w, b, padding=1, backend=backend)
+    # F.conv2d refuses an empty spatial input; padded first, the input is not empty.
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1)), w, b, groups=4)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), grad)
+    want = torch.autograd.grad(ref, (x, w, b), grad)
+    for name, g, r in zip(("input", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, r, msg=name)
+    op = ops(backend).depthwise_conv2d_bwd_input
+    assert op(grad, w, [1, 4, 0, 5], [1, 1], [1, 1, 1, 1], [1, 1]).shape == (1, 4, 0, 5)
+
+
+@pytest.mark.parametrize("backend,device", EMPTY_INPUT_BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_depthwise_ops_of_an_empty_input_with_a_padded_output(backend, device, layout):
+    """The same geometry through the fused depthwise ops (called directly: the public function
+    gives an empty input to the reference), a training step: the convolution is zero, so BN's
+    variance is 0 and the output beta; the input gradient is empty."""
+    x = torch.randn(2, 4, 0, 5, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 1, 1, device=device)
+    bn_w, bn_b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])
+    fwd, bwd = ops(backend).depthwise_bn_act_fwd, ops(backend).depthwise_bn_act_bwd
+    out, stats = fwd(x, w, *geometry, bn_w, bn_b, rm, rv, None, True, 0.1, 1e-5, "relu")
+    grad = torch.randn_like(out)
+    grads = bwd(grad, x, w, *geometry, bn_w, bn_b, stats, True, 1e-5, "relu", [True] * 4)
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, bn_w, bn_b)]
+    want_rm, want_rv = torch.zeros_like(rm), torch.ones_like(rv)
+    want = kernels.depthwise_bn_act(
+        torch.nn.functional.pad(leaves[0], (1, 1, 1, 1)),
+        leaves[1],
+        want_rm,
+        want_rv,
+        leaves[2],
+        leaves[3],
+        training=True,
+        backend="torch",
+    )
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close((rm, rv), (want_rm, want_rv))
+    for name, got, expected in zip(("input", "weight", "bn_weight", "bn_bias"), grads, want_grads):
+        torch.testing.assert_close(got, expected, msg=name)
+    assert grads[0].shape == (2, 4, 0, 5)
 
 
 def test_direct_op_call_with_bad_geometry_raises_instead_of_crashing():

@@ -15,7 +15,9 @@ CHAIN_ORDER = ("torch", "native-unchained", "native", "native-recompute-all")
 
 
 def test_quick_run_writes_checked_results(tmp_path, capsys):
+    threads = torch.get_num_threads()
     main(["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # --quick ran on one thread, then restored it
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([*(f"{op}.png" for op in OPS), "results.csv", "summary.md"])
     with open(tmp_path / "results.csv") as f:
@@ -119,3 +121,15 @@ def test_model_benchmark_takes_timm_and_torchvision_networks(tmp_path, capsys):
 def test_model_benchmark_rejects_unknown_networks(name, message):
     with pytest.raises(SystemExit, match=message):
         main(["--quick", "--ops", "model", "--model", name, "--no-progress"])
+
+
+def test_main_restores_the_callers_thread_count():
+    """--quick times on one CPU thread; the tests that run after it in this process do not."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with pytest.raises(SystemExit, match="unknown no_such_backend"):
+            main(["--quick", "--device", "cpu", "--backends", "no_such_backend"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,6 +339,22 @@ def test_pointwise_programs_statistics_blocks_of_several_tiles():
     tol = TOLERANCES[torch.float32]
     torch.testing.assert_close(mean.double(), y.mean(0), **tol)
     torch.testing.assert_close(var.double(), y.var(0, unbiased=False), **tol)
+
+
+def test_depthwise_programs_statistics_of_many_chunks():
+    """Past 32 statistics chunks, groups of 32 merge level by level (a tree fixed by the chunk
+    count) before the per-channel merge: 64 images of 20 output rows make 1280 one-row chunks,
+    two levels. float32 statistics of float32 values, float32-accurate."""
+    case = FusedCase("depthwise", 64, 8, 8, 20, 20, "channels_last", 3, 1, 1)
+    x, w, bn_w, bn_b, _, _ = case.make()
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])
+    _, (mean, var) = ops("host_programs").depthwise_bn_act_fwd(
+        x, w, *geometry, bn_w, bn_b, None, None, None, True, 0.1, 1e-5, "none"
+    )
+    y = F.conv2d(x.double(), w.double(), None, 1, 1, 1, case.c_in)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(mean.double(), y.mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(var.double(), y.var((0, 2, 3), unbiased=False), **tol)
 
 
 def _tf32_ties(t):
@@ -736,3 +753,30 @@ def test_a_5_percent_error_fails_in_every_dtype(conv, dtype):
         off = g * 1.05
         with pytest.raises(AssertionError):
             assert_close_to_exact(off, w, ACCURACY[dtype], f"result {index}", e)
+
+
+@pytest.mark.parametrize("backend", ["native", "host_programs"])
+def test_bn_scale_is_float32_math(backend):
+    """1 / sqrt(var + eps) in float32 arithmetic, as the GPU's float sqrt and division give it
+    (a double sqrt on the host would round the quotient differently): a 1x1 depthwise
+    convolution of ones with weight 1, mean 0 and beta 0 outputs the BN scale itself."""
+    c = 4096
+    var = torch.rand(c, generator=torch.Generator().manual_seed(0)) * 4
+    eps = 1e-5
+    x = torch.ones(1, c, 1, 1)
+    out = kernels.depthwise_bn_act(
+        x,
+        torch.ones(c, 1, 1, 1),
+        torch.zeros(c),
+        var,
+        torch.ones(c),
+        torch.zeros(c),
+        eps=eps,
+        training=False,
+        activation=None,
+        backend=backend,
+    )
+    # numpy's float32 sqrt and division are IEEE's, correctly rounded (torch's CPU sqrt is not).
+    v = var.numpy() + np.float32(eps)
+    want = torch.from_numpy(np.float32(1) / np.sqrt(v))
+    assert torch.equal(out.flatten(), want)

@@ -16,6 +16,7 @@ struct CpuLauncher {
 
   template <typename Program>
   static void launch(const typename Program::Args& args, int64_t num_threads) {
+    if (num_threads <= 0) return;  // as CudaLauncher: an empty launch runs nothing
     at::parallel_for(0, num_threads, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) Program::run(args, i);
     });

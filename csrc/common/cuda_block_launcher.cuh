@@ -114,6 +114,8 @@ __global__ void __launch_bounds__(Program::kThreads, Program::kMinBlocksPerSm)
 struct CudaBlockLauncher {
   template <typename Program>
   static void launch(const typename Program::Args& args, BlockXY grid) {
+    // A grid of 0 blocks is an invalid launch configuration.
+    if (grid.x <= 0 || grid.y <= 0) return;
     const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y));
     block_program_kernel<Program>
         <<<blocks, Program::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);

@@ -33,6 +33,8 @@ struct CudaLauncher {
 
   template <typename Program>
   static void launch(const typename Program::Args& args, int64_t num_threads) {
+    // A grid of 0 blocks is an invalid launch configuration.
+    if (num_threads <= 0) return;
     constexpr int64_t kThreads = 256;
     // Enough blocks to fill every SM several times over; the grid-stride loop covers the
     // rest, so huge tensors never overflow the grid dimension.

@@ -128,6 +128,7 @@ struct HostBlockLauncher {
   template <typename Program>
   static void launch(const typename Program::Args& args, BlockXY grid) {
     using Shared = typename Program::Shared;
+    if (grid.x <= 0 || grid.y <= 0) return;  // as CudaBlockLauncher: an empty grid runs nothing
     at::parallel_for(0, grid.x * grid.y, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
       const auto shared = std::make_unique<Shared>();
       HostBlock<Program::kThreads> block;

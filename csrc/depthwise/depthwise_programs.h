@@ -127,12 +127,19 @@ struct DwForwardProgram {
     }
     dw_forward_taps<T, Acc, ChannelsLast, KH, KW, VEC, STRIP>(a.input, a.weight, g, t.n, t.c0,
                                                               t.row, t.col0, strip_n, acc);
+    // The epilogue's scale and shift, loaded once for the strip: the output stores might alias
+    // them for all the compiler knows, so it would reload them for every column.
+    const bool bn = a.bn_scale != nullptr;
+    Acc scale[VEC], shift[VEC];
+    for (int v = 0; v < VEC; ++v) {
+      scale[v] = bn ? a.bn_scale[t.c0 + v] : Acc(1);
+      shift[v] = bn ? a.bn_shift[t.c0 + v] : Acc(0);
+    }
     for (int j = 0; j < strip_n; ++j) {
       T out[VEC];
       for (int v = 0; v < VEC; ++v) {
         Acc r = acc[j][v];
-        if (a.bn_scale != nullptr)
-          r = bn_activate(a.bn_scale[t.c0 + v] * r + a.bn_shift[t.c0 + v], a.act);
+        if (bn) r = bn_activate(scale[v] * r + shift[v], a.act);
         out[v] = static_cast<T>(r);
       }
       vector_store<T, VEC>(
@@ -309,15 +316,17 @@ struct DwWeightGradReduceProgram {
   }
 };
 
-// Output rows per thread of the fused statistics pass: from the shape only (so results do not
-// depend on the device), at least 64 positions a chunk, and up to 8192 chunks, so that even
-// the 32-channel MobileNet layers give a GPU thousands of threads.
+// Output rows per thread of the fused statistics pass, from the shape only (so results do not
+// depend on the device): enough chunks that chunks x C reaches 2^20, i.e. 2^17 threads of 8
+// bfloat16 channels (512 blocks of 256, a large GPU several times over, for the 32-channel
+// MobileNet layers at batch 128 as for the 1024-channel 7x7 ones), but no chunk shorter than
+// one row or 16 positions. The tree merge of bn_reduce keeps many chunks cheap to merge.
 DEPSEP_HD DwWeightGradPlan dw_bn_stats_plan(const DwGeometry& g) {
   const int64_t rows = g.N * g.OH;
-  const int64_t positions = rows * g.OW;
-  int64_t target = ceil_div(positions, 8192);
-  if (target < 64) target = 64;
-  int64_t rows_per_chunk = g.OW > 0 ? ceil_div(target, g.OW) : 1;
+  const int64_t wanted = g.C > 0 ? ceil_div(int64_t(1) << 20, g.C) : 1;
+  const int64_t min_rows = g.OW > 0 ? ceil_div(16, g.OW) : 1;
+  int64_t rows_per_chunk = ceil_div(rows, wanted);
+  if (rows_per_chunk < min_rows) rows_per_chunk = min_rows;
   if (rows_per_chunk > rows) rows_per_chunk = rows > 0 ? rows : 1;
   return {rows_per_chunk, ceil_div(rows, rows_per_chunk)};
 }
@@ -334,7 +343,7 @@ struct DwBnStatsArgs {
 // The fused ops' training statistics without writing the convolution output: one thread =
 // VEC channels x one chunk of output rows; it recomputes the convolution tile by tile and
 // keeps shifted sums (shifted by the first output, see bn_moments_from_shifted_sums). Moves
-// the input once; BnStatsReduceProgram then merges the chunks in order.
+// the input once; bn_reduce then merges the chunks (a tree fixed by their count).
 template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
 struct DwBnStatsProgram {
   using Args = DwBnStatsArgs<T, Acc>;

@@ -130,12 +130,21 @@ void bn_update_running_stats(const at::Tensor& stats, const std::optional<at::Te
 }
 
 // Merges `partial` ([chunks, 3, C] moments, in order; chunks may be 0 in eval) into v.mean and
-// v.var, then derives v.scale and v.shift.
+// v.var, in groups of kBnMergeGroup chunks while more are left, then derives v.scale and v.shift.
 template <typename Launcher>
-void bn_reduce(BnVectors& v, const at::Tensor& partial, const at::Tensor& gamma,
-               const at::Tensor& beta, double eps) {
+void bn_reduce(BnVectors& v, at::Tensor partial, const at::Tensor& gamma, const at::Tensor& beta,
+               double eps) {
   AT_DISPATCH_FLOATING_TYPES(v.mean.scalar_type(), "bn_reduce", [&] {
     using Acc = scalar_t;
+    using M = BnMomentsMergeProgram<Acc>;
+    while (partial.size(0) > kBnMergeGroup) {
+      at::Tensor merged =
+          at::empty({M::groups(partial.size(0)), 3, partial.size(2)}, partial.options());
+      typename M::Args args{partial.const_data_ptr<Acc>(), merged.mutable_data_ptr<Acc>(),
+                            partial.size(0), partial.size(2)};
+      Launcher::template launch<M>(args, M::num_threads(args));
+      partial = merged;
+    }
     using R = BnStatsReduceProgram<Acc>;
     typename R::Args args{partial.size(0) > 0 ? partial.const_data_ptr<Acc>() : nullptr,
                           bn_ptr_or_null<Acc>(gamma),

@@ -8,8 +8,8 @@
 // shift, gradient coefficients) are in Acc (float, or double for double tensors).
 //
 // Passes, and the bytes each moves over y (|y| = N*C*S elements):
-// - statistics: partial moments per (chunk of positions, channel), then a fixed-order merge per
-//   channel (deterministic, no atomics): reads y once.
+// - statistics: partial moments per (chunk of positions, channel), then a fixed-order tree merge
+//   per channel (deterministic, no atomics): reads y once.
 // - apply: out = act(scale * y + shift) in place: reads and writes y once.
 // - gradient sums: per (chunk, channel) sums of g_z and g_z * (y - mean), where g_z is the
 //   output gradient through the activation's derivative at z recomputed from y: reads y and
@@ -27,9 +27,11 @@
 
 namespace depsep {
 
+// std::sqrt of Acc on the host, as the GPU's float overload: an unqualified sqrt would be the C
+// library's double one there, and 1 / (a double) rounds differently from a float division.
 template <typename Acc>
 DEPSEP_HD Acc bn_invstd(Acc var, Acc eps) {
-  return Acc(1) / sqrt(var + eps);
+  return Acc(1) / std::sqrt(var + eps);
 }
 
 // Positions per statistics chunk: from the shape only, so results never depend on the device
@@ -128,6 +130,42 @@ struct BnStatsPartialProgram {
   }
 };
 
+// Statistics pass 1b, while more than kBnMergeGroup chunks are left: one thread = one (group of
+// kBnMergeGroup consecutive chunks, channel) merges its group in index order. The levels form a
+// tree fixed by the chunk count (deterministic), and every channel's chunks merge in parallel
+// instead of one after another in pass 2.
+constexpr int64_t kBnMergeGroup = 32;
+
+template <typename Acc>
+struct BnMomentsMergeArgs {
+  const Acc* partial;  // [chunks][3][C]
+  Acc* merged;         // [ceil(chunks / kBnMergeGroup)][3][C]
+  int64_t chunks, C;
+};
+
+template <typename Acc>
+struct BnMomentsMergeProgram {
+  using Args = BnMomentsMergeArgs<Acc>;
+
+  static int64_t groups(int64_t chunks) { return (chunks + kBnMergeGroup - 1) / kBnMergeGroup; }
+  static int64_t num_threads(const Args& a) { return groups(a.chunks) * a.C; }
+
+  DEPSEP_HD static void run(const Args& a, int64_t idx) {
+    const int64_t c = idx % a.C, group = idx / a.C;
+    const int64_t begin = group * kBnMergeGroup;
+    const int64_t end = begin + kBnMergeGroup < a.chunks ? begin + kBnMergeGroup : a.chunks;
+    BnMoments<Acc> m{Acc(0), Acc(0), Acc(0)};
+    for (int64_t k = begin; k < end; ++k) {
+      const Acc* p = a.partial + k * 3 * a.C + c;
+      m = bn_merge(m, BnMoments<Acc>{p[0], p[a.C], p[2 * a.C]});
+    }
+    Acc* out = a.merged + group * 3 * a.C + c;
+    out[0] = m.count;
+    out[a.C] = m.mean;
+    out[2 * a.C] = m.m2;
+  }
+};
+
 template <typename Acc>
 struct BnStatsReduceArgs {
   const Acc* partial;  // [chunks][3][C]
@@ -149,8 +187,9 @@ DEPSEP_HD void bn_affine(Acc mean, Acc var, Acc eps, const Acc* gamma, const Acc
   shift[c] = (beta ? beta[c] : Acc(0)) - mean * s;
 }
 
-// Statistics pass 2: one thread = one channel; merges the chunks in index order, then derives
-// the channel's scale and shift. With chunks == 0 it takes mean and var as given (eval).
+// Statistics pass 2: one thread = one channel; merges the (at most kBnMergeGroup, after pass 1b)
+// chunks in index order, then derives the channel's scale and shift. With chunks == 0 it takes
+// mean and var as given (eval).
 template <typename Acc>
 struct BnStatsReduceProgram {
   using Args = BnStatsReduceArgs<Acc>;

@@ -141,14 +141,18 @@ DEPSEP_HD void pw_apply_block(Block& block, const PwGemmArgs<T>& a, BlockXY b, P
   const int64_t m0 = b.x * kGemmTileM;
   const int n0 = static_cast<int>(b.y) * kGemmTileN;
   pw_gemm_tile<T>(block, a, m0, n0, s);
+  static_assert(kGemmThreads % kGemmTileN == 0, "a thread keeps one channel of the tile");
   block.threads([&](int t) {
-    for (int i = t; i < kGemmTileM * kGemmTileN; i += kGemmThreads) {
-      const int r = i / kGemmTileN, c = i % kGemmTileN;
+    // Thread t writes channel n0 + t % 64 of every row it takes: its scale and shift, loaded
+    // once (the output stores might alias them for all the compiler knows).
+    const int c = t % kGemmTileN;
+    const int n = n0 + c;
+    if (n >= a.N) return;
+    const float scale = a.scale[n], shift = a.shift[n];
+    for (int r = t / kGemmTileN; r < kGemmTileM; r += kGemmThreads / kGemmTileN) {
       const int64_t m = m0 + r;
-      const int n = n0 + c;
-      if (m < a.M && n < a.N)
-        a.out[m * a.N + n] =
-            static_cast<T>(bn_activate(a.scale[n] * s.y[r][c] + a.shift[n], a.act));
+      if (m < a.M)
+        a.out[m * a.N + n] = static_cast<T>(bn_activate(scale * s.y[r][c] + shift, a.act));
     }
   });
 }
