@@ -74,7 +74,7 @@ GEOMETRIES = {
     # the last partial.
     "many-tiles": (2, 64, 40, 40, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
 }
-ACTIVATION_PAIRS = [("relu", "relu"), ("relu6", "none"), ("none", "relu6")]
+ACTIVATION_PAIRS = [("relu", "relu"), ("relu6", "none"), ("none", "relu6"), ("silu", "hardswish")]
 
 
 @pytest.mark.parametrize("backend", BLOCK_BACKENDS)

@@ -14,7 +14,7 @@
 #include "common/activation.h"
 #include "common/cpu_launcher.h"
 #include "depthwise/depthwise_cpu.h"
-#include "fused/bn_act_ops.h"
+#include "fused/bn_passes.h"
 
 namespace depsep {
 namespace {

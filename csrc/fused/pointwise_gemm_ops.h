@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "fused/bn_act_ops.h"
+#include "fused/conv_policies.h"
 #include "fused/pointwise_gemm_programs.h"
 
 namespace depsep {
