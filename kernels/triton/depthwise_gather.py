@@ -1,0 +1,406 @@
+"""The depthwise tap gather: one Triton kernel for the forward, the input gradient and the fused
+depthwise op's passes, as csrc/depthwise/depthwise_programs.h DwForwardProgram serves the forward
+with and without its BN epilogue.
+
+Every output element sums ``src * w`` over the taps that reach it, where ``src`` is the input
+(forward) or grad_output (input gradient, whose tap geometry is the forward's transposed: the
+``TRANSPOSED`` constexpr). The sum, plus the bias where ``HAS_BIAS``, goes to
+bn_epilogue.bn_act_epilogue with the ``EPILOGUE`` constexpr: STORE for the plain convolution,
+APPLY / STATS / GRAD_STATS / GRAD / GRAD_EVAL for the fused op. ``CHANNELS_LAST`` picks the tile
+of the layout (NCHW: pixels of one plane; channels_last: pixels x channels).
+
+The kernel has one autotuner per use: the plain convolution tunes the pixel block, the fused op
+fixes it (its row blocks are the units of the BN partial sums, a function of the shape alone) and
+tunes the rest.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._common import ACTIVATION_CODES
+from .bn_epilogue import STORE, bn_act_epilogue
+from .common import check_planes_fit_int32, configs, geometry, split_pixel, tap_source
+
+_GEOMETRY_KEY = ["OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
+_PLAIN_KEY = _GEOMETRY_KEY + ["TRANSPOSED"]
+_BN_KEY = _GEOMETRY_KEY + ["EPILOGUE", "STORE_Y", "ACT", "BLOCK_P"]
+
+
+@triton.jit
+def _gather_plane_taps(
+    acc,
+    src_plane,
+    w_ptr,
+    c,
+    oh,
+    ow,
+    mask,
+    SH,
+    SW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """acc [BLOCK] plus the sum over taps of src * w at output pixels (oh, ow) of the NCHW plane
+    `src_plane` of channel c."""
+    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
+        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
+        for kw in tl.static_range(KW):
+            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
+            x = tl.load(src_plane + ih * SW + iw, mask=mask & valid_h & valid_w, other=0.0)
+            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw)
+            acc += x.to(acc.dtype) * w.to(acc.dtype)
+    return acc
+
+
+@triton.jit
+def _gather_nhwc_taps(
+    acc,
+    src_ptr,
+    w_ptr,
+    n,
+    oh,
+    ow,
+    p_mask,
+    c,
+    c_mask,
+    C,
+    SH,
+    SW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """acc [BLOCK_P, BLOCK_C] plus the sum over taps of src * w at output pixels (n, oh, ow)
+    [BLOCK_P] and channels c [BLOCK_C] of a channels_last src."""
+    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
+        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
+        for kw in tl.static_range(KW):
+            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
+            pixel = (n * SH + ih) * SW + iw
+            valid = p_mask & valid_h & valid_w
+            x = tl.load(
+                src_ptr + pixel[:, None] * C + c[None, :],
+                mask=valid[:, None] & c_mask[None, :],
+                other=0.0,
+            )
+            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_mask, other=0.0)
+            acc += x.to(acc.dtype) * w.to(acc.dtype)[None, :]
+    return acc
+
+
+@triton.jit
+def _depthwise_gather_kernel(
+    src_ptr,  # [N, C, SH, SW] contiguous in its layout: input (forward) or grad_output
+    w_ptr,  # [C, KH * KW] contiguous
+    b_ptr,  # [C]; read only when HAS_BIAS
+    out_ptr,  # [N, C, OH, OW] contiguous in src's layout: see bn_act_epilogue
+    go_ptr,  # like out: grad_output (GRAD_STATS, GRAD)
+    coef_ptr,  # [rows, C] float32 (float64) (APPLY, GRAD_STATS, GRAD, GRAD_EVAL)
+    partial_ptr,  # [2, num_block_rows, C] float32 (float64) (STATS, GRAD_STATS)
+    num_pixels,  # N * OH * OW
+    num_block_rows,
+    C,
+    SH,
+    SW,
+    OH,
+    OW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    ACT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels_last only
+):
+    if src_ptr.dtype.element_ty == tl.float64:
+        acc_dtype = tl.float64
+    else:
+        acc_dtype = tl.float32
+    if CHANNELS_LAST:
+        # 1-D grid over (block of BLOCK_P output pixels of the flat N*OH*OW range, block of
+        # BLOCK_C channels), channel blocks fastest so neighbouring programs share DRAM rows; a
+        # row block is a pixel block. Each tap is a [BLOCK_P, BLOCK_C] load contiguous along C.
+        # Moves: src read once from DRAM (overlapping taps hit L1/L2), out written once (or
+        # partials only), BLOCK_C*(KH*KW+1) weights per program. All pixel offsets are int64.
+        c_blocks = tl.cdiv(C, BLOCK_C)
+        pid = tl.program_id(0)
+        c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        block_row = (pid // c_blocks).to(tl.int64)
+        p = block_row * BLOCK_P + tl.arange(0, BLOCK_P)
+        c_mask = c < C
+        p_mask = p < num_pixels
+        n, oh, ow = split_pixel(p, OH, OW)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_dtype)
+        acc = _gather_nhwc_taps(
+            acc,
+            src_ptr,
+            w_ptr,
+            n,
+            oh,
+            ow,
+            p_mask,
+            c,
+            c_mask,
+            C,
+            SH,
+            SW,
+            PAD_H,
+            PAD_W,
+            KH,
+            KW,
+            STRIDE_H,
+            STRIDE_W,
+            DIL_H,
+            DIL_W,
+            TRANSPOSED,
+        )
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc.dtype)[None, :]
+        row_mask = p_mask[:, None]
+        chan = c[None, :]
+        offs = p[:, None] * C + c[None, :]
+    else:
+        # NCHW. 1-D grid over (n*C + c plane, block of BLOCK_P pixels of that plane); the
+        # plane's weights are scalars; a row block is (n, pixel block) of one channel. Moves:
+        # src read once from DRAM (the KH*KW overlapping tap reads hit L1/L2), out written once
+        # (or partials only); weights, bias: KH*KW+1 scalars per program. In-plane offsets are
+        # int32 (the host checks SH*SW, OH*OW < 2**31); plane bases int64.
+        blocks_per_plane = tl.cdiv(OH * OW, BLOCK_P)
+        pid = tl.program_id(0)
+        plane = (pid // blocks_per_plane).to(tl.int64)
+        block = pid % blocks_per_plane
+        pixel = block * BLOCK_P + tl.arange(0, BLOCK_P)
+        row_mask = pixel < OH * OW
+        c = plane % C
+        acc = tl.zeros([BLOCK_P], dtype=acc_dtype)
+        acc = _gather_plane_taps(
+            acc,
+            src_ptr + plane * SH * SW,
+            w_ptr,
+            c,
+            pixel // OW,
+            pixel % OW,
+            row_mask,
+            SH,
+            SW,
+            PAD_H,
+            PAD_W,
+            KH,
+            KW,
+            STRIDE_H,
+            STRIDE_W,
+            DIL_H,
+            DIL_W,
+            TRANSPOSED,
+        )
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c).to(acc.dtype)
+        block_row = (plane // C) * blocks_per_plane + block
+        chan = tl.zeros([1], dtype=tl.int64) + c
+        offs = plane * OH * OW + pixel
+    bn_act_epilogue(
+        acc,
+        row_mask,
+        chan,
+        offs,
+        block_row,
+        num_block_rows,
+        C,
+        out_ptr,
+        go_ptr,
+        coef_ptr,
+        partial_ptr,
+        EPILOGUE,
+        STORE_Y,
+        ACT,
+    )
+
+
+# The plain convolution (forward, input gradient): the pixel block is tuned.
+_PLAIN_KERNELS = {
+    False: triton.autotune(
+        configs=configs(
+            gpu=[
+                ({"BLOCK_P": 128}, 4),
+                ({"BLOCK_P": 256}, 4),
+                ({"BLOCK_P": 512}, 4),
+                ({"BLOCK_P": 1024}, 8),
+            ],
+            interpret=({"BLOCK_P": 64}, 4),
+        ),
+        key=_PLAIN_KEY,
+    )(_depthwise_gather_kernel),
+    True: triton.autotune(
+        configs=configs(
+            gpu=[
+                ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
+                ({"BLOCK_P": 32, "BLOCK_C": 64}, 4),
+                ({"BLOCK_P": 128, "BLOCK_C": 32}, 8),
+                ({"BLOCK_P": 64, "BLOCK_C": 64}, 8),
+            ],
+            interpret=({"BLOCK_P": 32, "BLOCK_C": 16}, 4),
+        ),
+        key=["C"] + _PLAIN_KEY,
+    )(_depthwise_gather_kernel),
+}
+
+# The fused op: the pixel block is the caller's (its row blocks), the rest is tuned.
+_BN_KERNELS = {
+    False: triton.autotune(
+        configs=configs(gpu=[({}, 4), ({}, 2), ({}, 8)], interpret=({}, 4)),
+        key=_BN_KEY,
+    )(_depthwise_gather_kernel),
+    True: triton.autotune(
+        configs=configs(
+            gpu=[({"BLOCK_C": 32}, 4), ({"BLOCK_C": 64}, 4), ({"BLOCK_C": 64}, 8)],
+            interpret=({"BLOCK_C": 16}, 4),
+        ),
+        key=["C"] + _BN_KEY,
+    )(_depthwise_gather_kernel),
+}
+
+
+def _launch(
+    kernel,
+    src: Tensor,
+    weight: Tensor,
+    out_shape,
+    pointers: tuple,
+    num_block_rows: int,
+    channels_last: bool,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    **options,
+) -> None:
+    N, C, SH, SW = src.shape
+    OH, OW = out_shape[-2:]
+    num_pixels = N * OH * OW
+    if num_pixels * C == 0:
+        return
+    check_planes_fit_int32(src.shape, out_shape)
+    kh, kw = weight.shape[-2:]
+    if channels_last:
+
+        def grid(meta):
+            return (triton.cdiv(num_pixels, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    else:
+        options.setdefault("BLOCK_C", 1)
+
+        def grid(meta):
+            return (N * C * triton.cdiv(OH * OW, meta["BLOCK_P"]),)
+
+    torch.library.wrap_triton(kernel)[grid](
+        src,
+        weight.reshape(C, kh * kw).contiguous(),
+        *pointers,
+        num_pixels,
+        num_block_rows,
+        C,
+        SH,
+        SW,
+        OH,
+        OW,
+        padding[0],
+        padding[2],
+        **geometry((kh, kw), stride, dilation),
+        CHANNELS_LAST=channels_last,
+        **options,
+    )
+
+
+def gather(
+    src: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
+    channels_last: bool,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    transposed: bool,
+) -> None:
+    """out = sum over taps of src * weight (+ bias); src and out contiguous in the same layout."""
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else weight  # placeholder pointer, never read
+    # src stands in for the pointers the STORE epilogue does not touch (never written).
+    _launch(
+        _PLAIN_KERNELS[channels_last],
+        src,
+        weight,
+        out.shape,
+        (bias, out, src, src, src),
+        0,
+        channels_last,
+        padding,
+        stride,
+        dilation,
+        TRANSPOSED=transposed,
+        HAS_BIAS=has_bias,
+        EPILOGUE=STORE,
+        STORE_Y=False,
+        ACT=ACTIVATION_CODES["none"],
+    )
+
+
+def gather_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    out_shape,
+    pointers: tuple,
+    block: int,
+    num_block_rows: int,
+    channels_last: bool,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    epilogue,
+    store_y: bool,
+    act: str,
+) -> None:
+    """The forward convolution of x with `epilogue` (bn_epilogue.py) over row blocks of `block`
+    pixels; `pointers` are (out, go, coef, partial), tensors the epilogue does not use standing
+    in for the ones it does not touch."""
+    _launch(
+        _BN_KERNELS[channels_last],
+        x,
+        weight,
+        out_shape,
+        (weight,) + tuple(pointers),  # no bias: its pointer never read
+        num_block_rows,
+        channels_last,
+        padding,
+        stride,
+        dilation,
+        TRANSPOSED=False,
+        HAS_BIAS=False,
+        EPILOGUE=epilogue,
+        STORE_Y=store_y,
+        ACT=ACTIVATION_CODES[act],
+        BLOCK_P=block,
+    )
