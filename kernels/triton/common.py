@@ -34,6 +34,15 @@ def configs(gpu, interpret):
     return [triton.Config(*config) for config in chosen]
 
 
+def autotune_by_layout(kernel, key: list[str], nchw, channels_last) -> dict:
+    """{channels_last: `kernel` autotuned over that layout's candidates}: `nchw` and
+    `channels_last` are each configs()'s (gpu, interpret); channels_last also keys on C."""
+    return {
+        False: triton.autotune(configs=configs(*nchw), key=key)(kernel),
+        True: triton.autotune(configs=configs(*channels_last), key=["C"] + key)(kernel),
+    }
+
+
 def geometry(kernel_size, stride: list[int], dilation: list[int]) -> dict:
     """The constexpr kernel-geometry arguments of the depthwise kernels."""
     return dict(

@@ -22,6 +22,24 @@ from .depthwise_gather import gather
 from .depthwise_wgrad import weight_grad_sums
 
 
+def _gather_op(src, weight, bias, out_shape, stride, padding, dilation, transposed) -> Tensor:
+    """The gather of `src` into a new tensor of `out_shape`, both in src's memory format."""
+    fmt = suggest_memory_format(src)
+    out = torch.empty(out_shape, device=src.device, dtype=src.dtype, memory_format=fmt)
+    gather(
+        src.contiguous(memory_format=fmt),
+        weight,
+        bias,
+        out,
+        fmt == torch.channels_last,
+        padding,
+        stride,
+        dilation,
+        transposed,
+    )
+    return out
+
+
 def depthwise_conv2d_fwd(
     input: Tensor,
     weight: Tensor,
@@ -32,22 +50,8 @@ def depthwise_conv2d_fwd(
 ) -> Tensor:
     """Depthwise conv2d: input [N, C, H, W], weight [C, 1, kH, kW], padding [t, b, l, r]."""
     N, C, H, W = input.shape
-    kh, kw = weight.shape[-2:]
-    oh, ow = conv2d_output_hw(H, W, (kh, kw), stride, padding, dilation)
-    fmt = suggest_memory_format(input)
-    out = torch.empty((N, C, oh, ow), device=input.device, dtype=input.dtype, memory_format=fmt)
-    gather(
-        input.contiguous(memory_format=fmt),
-        weight,
-        bias,
-        out,
-        fmt == torch.channels_last,
-        padding,
-        stride,
-        dilation,
-        transposed=False,
-    )
-    return out
+    oh, ow = conv2d_output_hw(H, W, weight.shape[-2:], stride, padding, dilation)
+    return _gather_op(input, weight, bias, (N, C, oh, ow), stride, padding, dilation, False)
 
 
 def depthwise_conv2d_bwd_input(
@@ -59,22 +63,7 @@ def depthwise_conv2d_bwd_input(
     dilation: list[int],
 ) -> Tensor:
     """Gradient of depthwise_conv2d_fwd with respect to its input, shaped `input_shape`."""
-    fmt = suggest_memory_format(grad_output)
-    grad_input = torch.empty(
-        input_shape, device=grad_output.device, dtype=grad_output.dtype, memory_format=fmt
-    )
-    gather(
-        grad_output.contiguous(memory_format=fmt),
-        weight,
-        None,
-        grad_input,
-        fmt == torch.channels_last,
-        padding,
-        stride,
-        dilation,
-        transposed=True,
-    )
-    return grad_input
+    return _gather_op(grad_output, weight, None, input_shape, stride, padding, dilation, True)
 
 
 def depthwise_conv2d_bwd_weight(

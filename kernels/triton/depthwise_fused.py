@@ -71,60 +71,13 @@ class _DepthwiseConv(FusedConv):
         return grad_input, grad_weight
 
 
-def depthwise_bn_act_fwd(
-    input,
-    weight,
-    stride,
-    padding,
-    dilation,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    num_batches_tracked,
-    training,
-    momentum,
-    eps,
-    activation,
-):
-    return bn_act_fwd(
-        _DepthwiseConv(input, weight, stride, padding, dilation),
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        training,
-        momentum,
-        eps,
-        activation,
-    )
+# The ops: kernels._ops.define_triton_op gives each its OpSignatures signature.
 
 
-def depthwise_bn_act_bwd(
-    grad_output,
-    input,
-    weight,
-    stride,
-    padding,
-    dilation,
-    bn_weight,
-    bn_bias,
-    stats,
-    training,
-    eps,
-    activation,
-    output_mask,
-):
+def depthwise_bn_act_fwd(input, weight, stride, padding, dilation, *bn_and_options):
+    return bn_act_fwd(_DepthwiseConv(input, weight, stride, padding, dilation), *bn_and_options)
+
+
+def depthwise_bn_act_bwd(grad_output, input, weight, stride, padding, dilation, *bn_and_options):
     conv = _DepthwiseConv(input, weight, stride, padding, dilation)
-    return bn_act_bwd(
-        conv,
-        grad_output.contiguous(memory_format=conv.fmt),
-        bn_weight,
-        bn_bias,
-        stats,
-        training,
-        eps,
-        activation,
-        output_mask,
-    )
+    return bn_act_bwd(conv, grad_output.contiguous(memory_format=conv.fmt), *bn_and_options)

@@ -21,86 +21,11 @@ from torch import Tensor
 
 from .._common import ACTIVATION_CODES
 from .bn_epilogue import STORE, bn_act_epilogue
-from .common import check_planes_fit_int32, configs, geometry, split_pixel, tap_source
+from .common import autotune_by_layout, check_planes_fit_int32, geometry, split_pixel, tap_source
 
 _GEOMETRY_KEY = ["OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W"]
 _PLAIN_KEY = _GEOMETRY_KEY + ["TRANSPOSED"]
 _BN_KEY = _GEOMETRY_KEY + ["EPILOGUE", "STORE_Y", "ACT", "BLOCK_P"]
-
-
-@triton.jit
-def _gather_plane_taps(
-    acc,
-    src_plane,
-    w_ptr,
-    c,
-    oh,
-    ow,
-    mask,
-    SH,
-    SW,
-    PAD_H,
-    PAD_W,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    STRIDE_H: tl.constexpr,
-    STRIDE_W: tl.constexpr,
-    DIL_H: tl.constexpr,
-    DIL_W: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
-    """acc [BLOCK] plus the sum over taps of src * w at output pixels (oh, ow) of the NCHW plane
-    `src_plane` of channel c."""
-    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
-        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
-        for kw in tl.static_range(KW):
-            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
-            x = tl.load(src_plane + ih * SW + iw, mask=mask & valid_h & valid_w, other=0.0)
-            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw)
-            acc += x.to(acc.dtype) * w.to(acc.dtype)
-    return acc
-
-
-@triton.jit
-def _gather_nhwc_taps(
-    acc,
-    src_ptr,
-    w_ptr,
-    n,
-    oh,
-    ow,
-    p_mask,
-    c,
-    c_mask,
-    C,
-    SH,
-    SW,
-    PAD_H,
-    PAD_W,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    STRIDE_H: tl.constexpr,
-    STRIDE_W: tl.constexpr,
-    DIL_H: tl.constexpr,
-    DIL_W: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
-    """acc [BLOCK_P, BLOCK_C] plus the sum over taps of src * w at output pixels (n, oh, ow)
-    [BLOCK_P] and channels c [BLOCK_C] of a channels_last src."""
-    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
-        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
-        for kw in tl.static_range(KW):
-            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
-            pixel = (n * SH + ih) * SW + iw
-            valid = p_mask & valid_h & valid_w
-            x = tl.load(
-                src_ptr + pixel[:, None] * C + c[None, :],
-                mask=valid[:, None] & c_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(w_ptr + c * (KH * KW) + kh * KW + kw, mask=c_mask, other=0.0)
-            acc += x.to(acc.dtype) * w.to(acc.dtype)[None, :]
-    return acc
 
 
 @triton.jit
@@ -136,92 +61,69 @@ def _depthwise_gather_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,  # channels_last only
 ):
+    # Channels_last: 1-D grid over (block of BLOCK_P output pixels of the flat N*OH*OW range,
+    # block of BLOCK_C channels), channel blocks fastest so neighbouring programs share DRAM
+    # rows; a row block is a pixel block; each tap is a [BLOCK_P, BLOCK_C] load contiguous along
+    # C; all pixel offsets are int64. NCHW: 1-D grid over (n*C + c plane, block of BLOCK_P pixels
+    # of that plane); the plane's weights are scalars; a row block is (n, pixel block) of one
+    # channel; in-plane offsets are int32 (the host checks SH*SW, OH*OW < 2**31), plane bases
+    # int64. Moves: src read once from DRAM (the KH*KW overlapping tap reads hit L1/L2), out
+    # written once (or partials only), KH*KW+1 weights per channel and program.
     if src_ptr.dtype.element_ty == tl.float64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
+    pid = tl.program_id(0)
     if CHANNELS_LAST:
-        # 1-D grid over (block of BLOCK_P output pixels of the flat N*OH*OW range, block of
-        # BLOCK_C channels), channel blocks fastest so neighbouring programs share DRAM rows; a
-        # row block is a pixel block. Each tap is a [BLOCK_P, BLOCK_C] load contiguous along C.
-        # Moves: src read once from DRAM (overlapping taps hit L1/L2), out written once (or
-        # partials only), BLOCK_C*(KH*KW+1) weights per program. All pixel offsets are int64.
         c_blocks = tl.cdiv(C, BLOCK_C)
-        pid = tl.program_id(0)
         c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = c < C
         block_row = (pid // c_blocks).to(tl.int64)
         p = block_row * BLOCK_P + tl.arange(0, BLOCK_P)
-        c_mask = c < C
         p_mask = p < num_pixels
         n, oh, ow = split_pixel(p, OH, OW)
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_dtype)
-        acc = _gather_nhwc_taps(
-            acc,
-            src_ptr,
-            w_ptr,
-            n,
-            oh,
-            ow,
-            p_mask,
-            c,
-            c_mask,
-            C,
-            SH,
-            SW,
-            PAD_H,
-            PAD_W,
-            KH,
-            KW,
-            STRIDE_H,
-            STRIDE_W,
-            DIL_H,
-            DIL_W,
-            TRANSPOSED,
-        )
+    else:
+        blocks_per_plane = tl.cdiv(OH * OW, BLOCK_P)
+        plane = (pid // blocks_per_plane).to(tl.int64)
+        block = pid % blocks_per_plane
+        c = plane % C
+        pixel = block * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = pixel < OH * OW
+        oh = pixel // OW
+        ow = pixel % OW
+        src_plane = src_ptr + plane * SH * SW
+        acc = tl.zeros([BLOCK_P], dtype=acc_dtype)
+    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
+        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
+        for kw in tl.static_range(KW):
+            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
+            valid = p_mask & valid_h & valid_w
+            w_offs = c * (KH * KW) + kh * KW + kw
+            if CHANNELS_LAST:
+                x = tl.load(
+                    src_ptr + ((n * SH + ih) * SW + iw)[:, None] * C + c[None, :],
+                    mask=valid[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                w = tl.load(w_ptr + w_offs, mask=c_mask, other=0.0)[None, :]
+            else:
+                x = tl.load(src_plane + ih * SW + iw, mask=valid, other=0.0)
+                w = tl.load(w_ptr + w_offs)
+            acc += x.to(acc.dtype) * w.to(acc.dtype)
+    if CHANNELS_LAST:
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc.dtype)[None, :]
         row_mask = p_mask[:, None]
         chan = c[None, :]
         offs = p[:, None] * C + c[None, :]
     else:
-        # NCHW. 1-D grid over (n*C + c plane, block of BLOCK_P pixels of that plane); the
-        # plane's weights are scalars; a row block is (n, pixel block) of one channel. Moves:
-        # src read once from DRAM (the KH*KW overlapping tap reads hit L1/L2), out written once
-        # (or partials only); weights, bias: KH*KW+1 scalars per program. In-plane offsets are
-        # int32 (the host checks SH*SW, OH*OW < 2**31); plane bases int64.
-        blocks_per_plane = tl.cdiv(OH * OW, BLOCK_P)
-        pid = tl.program_id(0)
-        plane = (pid // blocks_per_plane).to(tl.int64)
-        block = pid % blocks_per_plane
-        pixel = block * BLOCK_P + tl.arange(0, BLOCK_P)
-        row_mask = pixel < OH * OW
-        c = plane % C
-        acc = tl.zeros([BLOCK_P], dtype=acc_dtype)
-        acc = _gather_plane_taps(
-            acc,
-            src_ptr + plane * SH * SW,
-            w_ptr,
-            c,
-            pixel // OW,
-            pixel % OW,
-            row_mask,
-            SH,
-            SW,
-            PAD_H,
-            PAD_W,
-            KH,
-            KW,
-            STRIDE_H,
-            STRIDE_W,
-            DIL_H,
-            DIL_W,
-            TRANSPOSED,
-        )
         if HAS_BIAS:
             acc += tl.load(b_ptr + c).to(acc.dtype)
-        block_row = (plane // C) * blocks_per_plane + block
+        row_mask = p_mask
         chan = tl.zeros([1], dtype=tl.int64) + c
         offs = plane * OH * OW + pixel
+        block_row = (plane // C) * blocks_per_plane + block
     bn_act_epilogue(
         acc,
         row_mask,
@@ -240,48 +142,40 @@ def _depthwise_gather_kernel(
     )
 
 
-# The plain convolution (forward, input gradient): the pixel block is tuned.
-_PLAIN_KERNELS = {
-    False: triton.autotune(
-        configs=configs(
-            gpu=[
-                ({"BLOCK_P": 128}, 4),
-                ({"BLOCK_P": 256}, 4),
-                ({"BLOCK_P": 512}, 4),
-                ({"BLOCK_P": 1024}, 8),
-            ],
-            interpret=({"BLOCK_P": 64}, 4),
-        ),
-        key=_PLAIN_KEY,
-    )(_depthwise_gather_kernel),
-    True: triton.autotune(
-        configs=configs(
-            gpu=[
-                ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
-                ({"BLOCK_P": 32, "BLOCK_C": 64}, 4),
-                ({"BLOCK_P": 128, "BLOCK_C": 32}, 8),
-                ({"BLOCK_P": 64, "BLOCK_C": 64}, 8),
-            ],
-            interpret=({"BLOCK_P": 32, "BLOCK_C": 16}, 4),
-        ),
-        key=["C"] + _PLAIN_KEY,
-    )(_depthwise_gather_kernel),
-}
+# The plain convolution (forward, input gradient) tunes the pixel block.
+_PLAIN_KERNELS = autotune_by_layout(
+    _depthwise_gather_kernel,
+    _PLAIN_KEY,
+    nchw=(
+        [
+            ({"BLOCK_P": 128}, 4),
+            ({"BLOCK_P": 256}, 4),
+            ({"BLOCK_P": 512}, 4),
+            ({"BLOCK_P": 1024}, 8),
+        ],
+        ({"BLOCK_P": 64}, 4),
+    ),
+    channels_last=(
+        [
+            ({"BLOCK_P": 64, "BLOCK_C": 32}, 4),
+            ({"BLOCK_P": 32, "BLOCK_C": 64}, 4),
+            ({"BLOCK_P": 128, "BLOCK_C": 32}, 8),
+            ({"BLOCK_P": 64, "BLOCK_C": 64}, 8),
+        ],
+        ({"BLOCK_P": 32, "BLOCK_C": 16}, 4),
+    ),
+)
 
-# The fused op: the pixel block is the caller's (its row blocks), the rest is tuned.
-_BN_KERNELS = {
-    False: triton.autotune(
-        configs=configs(gpu=[({}, 4), ({}, 2), ({}, 8)], interpret=({}, 4)),
-        key=_BN_KEY,
-    )(_depthwise_gather_kernel),
-    True: triton.autotune(
-        configs=configs(
-            gpu=[({"BLOCK_C": 32}, 4), ({"BLOCK_C": 64}, 4), ({"BLOCK_C": 64}, 8)],
-            interpret=({"BLOCK_C": 16}, 4),
-        ),
-        key=["C"] + _BN_KEY,
-    )(_depthwise_gather_kernel),
-}
+# The fused op fixes the pixel block (its row blocks) and tunes the rest.
+_BN_KERNELS = autotune_by_layout(
+    _depthwise_gather_kernel,
+    _BN_KEY,
+    nchw=([({}, 4), ({}, 2), ({}, 8)], ({}, 4)),
+    channels_last=(
+        [({"BLOCK_C": 32}, 4), ({"BLOCK_C": 64}, 4), ({"BLOCK_C": 64}, 8)],
+        ({"BLOCK_C": 16}, 4),
+    ),
+)
 
 
 def _launch(

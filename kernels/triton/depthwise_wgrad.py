@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import stats_dtype
-from .common import check_planes_fit_int32, configs, geometry, split_pixel, tap_source
+from .common import autotune_by_layout, check_planes_fit_int32, geometry, split_pixel, tap_source
 
 # A chunk covers at least this many output pixels, so the partial buffer stays a few percent of
 # the activations, and there are at most this many chunks.
@@ -37,32 +37,6 @@ def _tree_sum_rows(x, ROWS: tl.constexpr, COLS: tl.constexpr):
             first, second = tl.split(halves)
             x = first + second
     return tl.reshape(x, [COLS])
-
-
-@triton.jit
-def _input_taps(
-    oh,
-    ow,
-    p_mask,
-    H,
-    W,
-    PAD_H,
-    PAD_W,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    STRIDE_H: tl.constexpr,
-    STRIDE_W: tl.constexpr,
-    DIL_H: tl.constexpr,
-    DIL_W: tl.constexpr,
-    TAPS_PAD: tl.constexpr,
-):
-    """(ih, iw, valid) [BLOCK_P, TAPS_PAD]: the input pixel each weight tap of output pixels
-    (oh, ow) [BLOCK_P] reads, and whether it exists (never for the bias and padding taps)."""
-    tap = tl.arange(0, TAPS_PAD)
-    ih, valid_h = tap_source(oh[:, None], (tap // KW)[None, :], PAD_H, H, STRIDE_H, DIL_H, False)
-    iw, valid_w = tap_source(ow[:, None], (tap % KW)[None, :], PAD_W, W, STRIDE_W, DIL_W, False)
-    valid = p_mask[:, None] & valid_h & valid_w & (tap < KH * KW)[None, :]
-    return ih, iw, valid
 
 
 @triton.jit
@@ -93,44 +67,48 @@ def _depthwise_wgrad_partial_kernel(
     BLOCK_C: tl.constexpr,  # channels_last only
 ):
     # Grid (channels, num_chunks): program (j, k) walks items [k*items_per_chunk, ...) in order,
-    # all taps at once, then tree-sums the pixel axis into partial[k, c, :]. BLOCK_P and the
-    # chunking come from the shape alone; only BLOCK_C and num_warps are autotuned, and neither
-    # changes the order of the additions. Moves: grad_output and input read once from DRAM
-    # (taps overlap in L1), TAPS floats per channel written per program.
+    # all taps at once (tap KH*KW is the bias: x == 1), then tree-sums the pixel axis into
+    # partial[k, c, :]. Channels_last: an item is BLOCK_P consecutive pixels of the flat
+    # N*OH*OW range, for channels [j*BLOCK_C, (j+1)*BLOCK_C), in a [BLOCK_P, TAPS_PAD, BLOCK_C]
+    # accumulator; all pixel offsets int64. NCHW: an item is BLOCK_P pixels of one (n, c) plane,
+    # for channel c = j, in a [BLOCK_P, TAPS_PAD] accumulator. BLOCK_P and the chunking come
+    # from the shape alone; only BLOCK_C and num_warps are autotuned, and neither changes the
+    # order of the additions. Moves: grad_output and input read once from DRAM (taps overlap in
+    # L1), TAPS floats per channel written per program.
     chunk = tl.program_id(1)
     tap = tl.arange(0, TAPS_PAD)
-    item_end = tl.minimum((chunk + 1) * items_per_chunk, num_items)
+    kh = tap // KW
+    kw = tap % KW
+    is_weight_tap = tap < KH * KW
     if CHANNELS_LAST:
-        # An item is BLOCK_P consecutive pixels of the flat N*OH*OW range, for channels
-        # [j*BLOCK_C, (j+1)*BLOCK_C): a [BLOCK_P, TAPS_PAD, BLOCK_C] accumulator. int64 offsets.
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c < C
         acc = tl.zeros([BLOCK_P, TAPS_PAD, BLOCK_C], dtype=partial_ptr.dtype.element_ty)
-        for item in range(chunk * items_per_chunk, item_end):
+    else:
+        c = tl.program_id(0)
+        blocks_per_plane = tl.cdiv(OH * OW, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, TAPS_PAD], dtype=partial_ptr.dtype.element_ty)
+    item_end = tl.minimum((chunk + 1) * items_per_chunk, num_items)
+    for item in range(chunk * items_per_chunk, item_end):
+        if CHANNELS_LAST:
             p = tl.cast(item, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
             p_mask = p < num_pixels
             n, oh, ow = split_pixel(p, OH, OW)
-            g = tl.load(
-                go_ptr + p[:, None] * C + c[None, :],
-                mask=p_mask[:, None] & c_mask[None, :],
-                other=0.0,
-            ).to(acc.dtype)
-            ih, iw, valid = _input_taps(
-                oh,
-                ow,
-                p_mask,
-                H,
-                W,
-                PAD_H,
-                PAD_W,
-                KH,
-                KW,
-                STRIDE_H,
-                STRIDE_W,
-                DIL_H,
-                DIL_W,
-                TAPS_PAD,
-            )
+            g_offs = p[:, None] * C + c[None, :]
+            g = tl.load(go_ptr + g_offs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        else:
+            n = item // blocks_per_plane
+            offs = (item - n * blocks_per_plane) * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_mask = offs < OH * OW
+            oh = offs // OW
+            ow = offs % OW
+            plane = tl.cast(n, tl.int64) * C + c
+            g = tl.load(go_ptr + plane * OH * OW + offs, mask=p_mask, other=0.0)
+        g = g.to(acc.dtype)
+        ih, valid_h = tap_source(oh[:, None], kh[None, :], PAD_H, H, STRIDE_H, DIL_H, False)
+        iw, valid_w = tap_source(ow[:, None], kw[None, :], PAD_W, W, STRIDE_W, DIL_W, False)
+        valid = p_mask[:, None] & valid_h & valid_w & is_weight_tap[None, :]
+        if CHANNELS_LAST:
             pixel = (n[:, None] * H + ih) * W + iw
             x = tl.load(
                 x_ptr + pixel[:, :, None] * C + c[None, None, :],
@@ -140,6 +118,12 @@ def _depthwise_wgrad_partial_kernel(
             if TAPS > KH * KW:
                 x = tl.where((tap == KH * KW)[None, :, None], 1.0, x)
             acc += g[:, None, :] * x
+        else:
+            x = tl.load(x_ptr + plane * H * W + ih * W + iw, mask=valid, other=0.0).to(acc.dtype)
+            if TAPS > KH * KW:
+                x = tl.where((tap == KH * KW)[None, :], 1.0, x)
+            acc += g[:, None] * x
+    if CHANNELS_LAST:
         rows = tl.reshape(acc, [BLOCK_P, TAPS_PAD * BLOCK_C])
         total = tl.reshape(_tree_sum_rows(rows, BLOCK_P, TAPS_PAD * BLOCK_C), [TAPS_PAD, BLOCK_C])
         tl.store(
@@ -148,54 +132,19 @@ def _depthwise_wgrad_partial_kernel(
             mask=(tap < TAPS)[:, None] & c_mask[None, :],
         )
     else:
-        # An item is BLOCK_P pixels of one (n, c) plane, for channel c = j: a [BLOCK_P,
-        # TAPS_PAD] accumulator. In-plane offsets int32, plane bases int64.
-        c = tl.program_id(0)
-        blocks_per_plane = tl.cdiv(OH * OW, BLOCK_P)
-        acc = tl.zeros([BLOCK_P, TAPS_PAD], dtype=partial_ptr.dtype.element_ty)
-        for item in range(chunk * items_per_chunk, item_end):
-            n = item // blocks_per_plane
-            offs = (item - n * blocks_per_plane) * BLOCK_P + tl.arange(0, BLOCK_P)
-            p_mask = offs < OH * OW
-            plane = tl.cast(n, tl.int64) * C + c
-            g = tl.load(go_ptr + plane * OH * OW + offs, mask=p_mask, other=0.0).to(acc.dtype)
-            ih, iw, valid = _input_taps(
-                offs // OW,
-                offs % OW,
-                p_mask,
-                H,
-                W,
-                PAD_H,
-                PAD_W,
-                KH,
-                KW,
-                STRIDE_H,
-                STRIDE_W,
-                DIL_H,
-                DIL_W,
-                TAPS_PAD,
-            )
-            x = tl.load(x_ptr + plane * H * W + ih * W + iw, mask=valid, other=0.0).to(acc.dtype)
-            if TAPS > KH * KW:
-                x = tl.where((tap == KH * KW)[None, :], 1.0, x)
-            acc += g[:, None] * x
         total = _tree_sum_rows(acc, BLOCK_P, TAPS_PAD)
         tl.store(partial_ptr + (chunk.to(tl.int64) * C + c) * TAPS + tap, total, mask=tap < TAPS)
 
 
-_KERNELS = {
-    False: triton.autotune(
-        configs=configs(gpu=[({}, 4), ({}, 8)], interpret=({}, 4)),
-        key=_KEY,
-    )(_depthwise_wgrad_partial_kernel),
-    True: triton.autotune(
-        configs=configs(
-            gpu=[({"BLOCK_C": 32}, 4), ({"BLOCK_C": 32}, 8), ({"BLOCK_C": 64}, 8)],
-            interpret=({"BLOCK_C": 16}, 4),
-        ),
-        key=["C"] + _KEY,
-    )(_depthwise_wgrad_partial_kernel),
-}
+_KERNELS = autotune_by_layout(
+    _depthwise_wgrad_partial_kernel,
+    _KEY,
+    nchw=([({}, 4), ({}, 8)], ({}, 4)),
+    channels_last=(
+        [({"BLOCK_C": 32}, 4), ({"BLOCK_C": 32}, 8), ({"BLOCK_C": 64}, 8)],
+        ({"BLOCK_C": 16}, 4),
+    ),
+)
 
 
 def _chunking(num_items: int, block_p: int) -> tuple[int, int]:

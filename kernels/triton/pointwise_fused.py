@@ -305,45 +305,13 @@ class _PointwiseConv(FusedConv):
         return partial.sum(0)  # a fixed-order reduction over the chunks
 
 
-def pointwise_bn_act_fwd(
-    input,
-    weight,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    num_batches_tracked,
-    training,
-    momentum,
-    eps,
-    activation,
-):
-    return bn_act_fwd(
-        _PointwiseConv(input, weight),
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        training,
-        momentum,
-        eps,
-        activation,
-    )
+# The ops: kernels._ops.define_triton_op gives each its OpSignatures signature.
 
 
-def pointwise_bn_act_bwd(
-    grad_output, input, weight, bn_weight, bn_bias, stats, training, eps, activation, output_mask
-):
+def pointwise_bn_act_fwd(input, weight, *bn_and_options):
+    return bn_act_fwd(_PointwiseConv(input, weight), *bn_and_options)
+
+
+def pointwise_bn_act_bwd(grad_output, input, weight, *bn_and_options):
     conv = _PointwiseConv(input, weight)
-    return bn_act_bwd(
-        conv,
-        grad_output.contiguous(memory_format=conv.fmt),
-        bn_weight,
-        bn_bias,
-        stats,
-        training,
-        eps,
-        activation,
-        output_mask,
-    )
+    return bn_act_bwd(conv, grad_output.contiguous(memory_format=conv.fmt), *bn_and_options)
