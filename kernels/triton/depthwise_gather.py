@@ -256,7 +256,7 @@ def gather(
         dilation,
         TRANSPOSED=transposed,
         HAS_BIAS=has_bias,
-        EPILOGUE=STORE,
+        EPILOGUE=STORE.value,
         STORE_Y=False,
         ACT=ACTIVATION_CODES["none"],
     )
@@ -277,9 +277,8 @@ def gather_bn_act(
     store_y: bool,
     act: str,
 ) -> None:
-    """The forward convolution of x with `epilogue` (bn_epilogue.py) over row blocks of `block`
-    pixels; `pointers` are (out, go, coef, partial), tensors the epilogue does not use standing
-    in for the ones it does not touch."""
+    """The forward convolution of x into `epilogue` (bn_epilogue.py) over row blocks of `block`
+    pixels; `pointers` are its (out, go, coef, partial): FusedConv.epilogue_pointers."""
     _launch(
         _BN_KERNELS[channels_last],
         x,
