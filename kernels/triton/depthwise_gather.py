@@ -142,6 +142,8 @@ def _depthwise_gather_kernel(
     )
 
 
+# Inductor caches a user kernel by its function and non-tensor arguments, not by its configs:
+# the plain and the fused launches stay apart because they never share an EPILOGUE.
 # The plain convolution (forward, input gradient) tunes the pixel block.
 _PLAIN_KERNELS = autotune_by_layout(
     _depthwise_gather_kernel,
