@@ -420,6 +420,17 @@ def test_gpu(backend, device, case, dtype, training):
 @pytest.mark.parametrize(
     "backend, device", [backend_param(b, "cuda") for b in ("native", "triton")]
 )
+@pytest.mark.parametrize("case", interpreter_cases(), ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["relu6", "silu", "hardswish", None])
+def test_gpu_activations(backend, device, case, dtype, training, activation):
+    assert_matches_reference(case, backend, device, dtype, training, activation)
+
+
+@pytest.mark.parametrize(
+    "backend, device", [backend_param(b, "cuda") for b in ("native", "triton")]
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gpu_float32_through_tf32(backend, device, training):
     """With TF32 allowed (cuDNN's default), float32 1x1 layers run on tensor cores: judged
