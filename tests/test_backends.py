@@ -133,7 +133,7 @@ def test_a_broken_triton_module_fails_the_import():
     """Triton installed but a project Triton module broken is a bug, not a missing backend: the
     import fails (so the test run fails) rather than turning the Triton tests into skips."""
     result = _run_with_blocked_module(
-        "kernels.triton.fused",
+        "kernels.triton.pointwise_fused",
         "a bug in kernels/triton",
         """
         import kernels
