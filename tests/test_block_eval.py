@@ -70,8 +70,8 @@ GEOMETRIES = {
     "3x3-s1": (2, 8, 9, 7, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     "3x3-s2": (2, 16, 10, 10, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
     "5x3-d2-asym": (1, 4, 11, 9, 6, (5, 3), (1, 2), (4, 3, 2, 1), (2, 1)),
-    # 40 x 64 float32 values a row: the 128 KiB tiles hold 12 rows, so 80 rows make 7 tiles,
-    # the last partial.
+    # 40 x 64 float32 values a row: the 128 KiB tiles hold 512 pixels, 12 rows, so 80 rows
+    # make 7 tiles, the last partial.
     "many-tiles": (2, 64, 40, 40, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
 }
 ACTIVATION_PAIRS = [("relu", "relu"), ("relu6", "none"), ("none", "relu6"), ("silu", "hardswish")]

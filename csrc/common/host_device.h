@@ -1,5 +1,5 @@
-// DEPSEP_HD marks the single-source functions that run both in CUDA kernels and on the host
-// (SPEC §4): the thread programs and the math they share.
+// DEPSEP_HD marks the single-source functions that run both in CUDA kernels and on the host:
+// the thread programs and the math they share.
 #pragma once
 
 #if defined(__CUDACC__)

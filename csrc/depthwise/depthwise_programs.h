@@ -1,4 +1,4 @@
-// Single-source thread programs of the depthwise convolution (SPEC §4).
+// Single-source thread programs of the depthwise convolution.
 //
 // Each program computes the outputs of one GPU thread from a plain argument struct and a
 // linear thread index: `run(args, idx)` decodes the index into coordinates and computes a tile

@@ -1,5 +1,5 @@
 // BatchNorm + activation around a convolution: the math and the single-source thread programs
-// (SPEC §4) that the native fused ops run on the CPU (CpuLauncher) and on the GPU
+// that the native fused ops run on the CPU (CpuLauncher) and on the GPU
 // (CudaLauncher), so every CI run executes the GPU code's BN formulas, statistics merge and
 // activation derivatives.
 //
