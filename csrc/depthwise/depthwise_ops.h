@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "common/static_switch.h"
 #include "depthwise_programs.h"
 
 namespace depsep {
@@ -38,41 +39,32 @@ inline DwPlan dw_plan(const DwGeometry& g, bool channels_last,
   return {channels_last, g.kH == 3 && g.kW == 3, channels_last && g.C % vec == 0 && aligned};
 }
 
-template <template <typename, typename, bool, int, int, int, int> class Program, typename T,
-          typename Fn>
+// The program specialisation for a plan: the layout, the 3x3 fast path and 16-byte channel
+// vectors (channels_last only: an NCHW thread takes one channel), one bool_switch each.
+template <template <typename> class Program, typename T, typename Fn>
 void with_spatial_program(const DwPlan& p, Fn&& fn) {
-  using Acc = at::opmath_type<T>;
-  constexpr int V = 16 / sizeof(T);
-  if (p.channels_last) {
-    if (p.kernel3x3) {
-      if (p.vectorized)
-        fn(Program<T, Acc, true, 3, 3, V, kStrip>{});
-      else
-        fn(Program<T, Acc, true, 3, 3, 1, kStrip>{});
-    } else {
-      if (p.vectorized)
-        fn(Program<T, Acc, true, 0, 0, V, kStrip>{});
-      else
-        fn(Program<T, Acc, true, 0, 0, 1, kStrip>{});
-    }
-  } else {
-    if (p.kernel3x3)
-      fn(Program<T, Acc, false, 3, 3, 1, kStrip>{});
-    else
-      fn(Program<T, Acc, false, 0, 0, 1, kStrip>{});
-  }
+  bool_switch(p.channels_last, [&](auto cl) {
+    bool_switch(p.kernel3x3, [&](auto k3) {
+      bool_switch(p.vectorized, [&](auto vec) {
+        constexpr bool kCl = decltype(cl)::value;
+        constexpr int kK = decltype(k3)::value ? 3 : 0;
+        constexpr int kVec = kCl && decltype(vec)::value ? 16 / sizeof(T) : 1;
+        fn(Program<DwKernelTraits<T, at::opmath_type<T>, kCl, kK, kK, kVec, kStrip>>{});
+      });
+    });
+  });
 }
 
+// The weight gradient's partial-sums program for a plan (no fixed kernel size or strip).
 template <typename T, typename Fn>
 void with_weight_grad_program(const DwPlan& p, Fn&& fn) {
-  using Acc = at::opmath_type<T>;
-  constexpr int V = 16 / sizeof(T);
-  if (!p.channels_last)
-    fn(DwWeightGradPartialProgram<T, Acc, false, 1>{});
-  else if (p.vectorized)
-    fn(DwWeightGradPartialProgram<T, Acc, true, V>{});
-  else
-    fn(DwWeightGradPartialProgram<T, Acc, true, 1>{});
+  bool_switch(p.channels_last, [&](auto cl) {
+    bool_switch(p.vectorized, [&](auto vec) {
+      constexpr bool kCl = decltype(cl)::value;
+      constexpr int kVec = kCl && decltype(vec)::value ? 16 / sizeof(T) : 1;
+      fn(DwWeightGradPartialProgram<DwKernelTraits<T, at::opmath_type<T>, kCl, 0, 0, kVec, 1>>{});
+    });
+  });
 }
 
 inline int64_t dw_output_size(int64_t in, int64_t pad_begin, int64_t pad_end, int64_t k,

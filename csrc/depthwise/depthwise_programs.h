@@ -23,6 +23,25 @@
 
 namespace depsep {
 
+// The compile-time shape of a depthwise thread program: element and accumulation types, the
+// layout, a kernel size fixed at compile time (0: read from the geometry), the channels and the
+// output columns one thread computes. with_spatial_program / with_weight_grad_program
+// (depthwise_ops.h) pick one from a call's DwPlan.
+template <typename T_, typename Acc_, bool ChannelsLast_, int KH_, int KW_, int VEC_, int STRIP_>
+struct DwKernelTraits {
+  using T = T_;
+  using Acc = Acc_;
+  static constexpr bool ChannelsLast = ChannelsLast_;
+  static constexpr int KH = KH_, KW = KW_, VEC = VEC_, STRIP = STRIP_;
+};
+
+// A program's traits as the names its body uses.
+#define DEPSEP_DW_TRAITS(K)                             \
+  using T = typename K::T;                              \
+  using Acc = typename K::Acc;                          \
+  static constexpr bool ChannelsLast = K::ChannelsLast; \
+  static constexpr int KH = K::KH, KW = K::KW, VEC = K::VEC, STRIP = K::STRIP
+
 template <bool ChannelsLast>
 DEPSEP_HD int64_t dw_offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t H,
                             int64_t W) {
@@ -107,8 +126,9 @@ DEPSEP_HD void dw_forward_taps(const T* input, const T* weight, const DwGeometry
 
 // Forward: out[n,c,oh,ow] = bias[c] + sum_{kh,kw} in[n,c,oh*sH-padT+kh*dH, ow*sW-padL+kw*dW] * w.
 // KH/KW > 0 fix the kernel size at compile time (the 3x3 fast path); 0 means read it from g.
-template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+template <typename K>
 struct DwForwardProgram {
+  DEPSEP_DW_TRAITS(K);
   using Args = DwForwardArgs<T, Acc>;
 
   static int64_t num_threads(const DwGeometry& g) {
@@ -158,8 +178,9 @@ struct DwInputGradArgs {
 
 // Input gradient as a gather (no atomics): each input position sums the outputs whose window
 // covers it, grad_in[n,c,ih,iw] = sum over taps with (ih+padT-kh*dH) = oh*sH, likewise for w.
-template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+template <typename K>
 struct DwInputGradProgram {
+  DEPSEP_DW_TRAITS(K);
   using Args = DwInputGradArgs<T>;
 
   static int64_t num_threads(const DwGeometry& g) {
@@ -233,8 +254,9 @@ struct DwWeightGradArgs {
 };
 
 // Pass 1: one thread = VEC channels x one tap (or the bias) x one chunk of output rows.
-template <typename T, typename Acc, bool ChannelsLast, int VEC>
+template <typename K>
 struct DwWeightGradPartialProgram {
+  DEPSEP_DW_TRAITS(K);
   using Args = DwWeightGradArgs<T, Acc>;
 
   static int64_t num_threads(const DwGeometry& g, const DwWeightGradPlan& plan) {
@@ -344,8 +366,9 @@ struct DwBnStatsArgs {
 // VEC channels x one chunk of output rows; it recomputes the convolution tile by tile and
 // keeps shifted sums (shifted by the first output, see bn_moments_from_shifted_sums). Moves
 // the input once; bn_reduce then merges the chunks (a tree fixed by their count).
-template <typename T, typename Acc, bool ChannelsLast, int KH, int KW, int VEC, int STRIP>
+template <typename K>
 struct DwBnStatsProgram {
+  DEPSEP_DW_TRAITS(K);
   using Args = DwBnStatsArgs<T, Acc>;
 
   static int64_t num_threads(const DwGeometry& g, const DwWeightGradPlan& plan) {

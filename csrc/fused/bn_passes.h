@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/static_switch.h"
 #include "fused/bn_act_programs.h"
 
 namespace depsep {
@@ -168,7 +169,7 @@ struct BnActPasses {
     at::Tensor partial = at::empty({chunks, 3, v.C}, bn.mean.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd", [&] {
       using Acc = at::opmath_type<scalar_t>;
-      with_layout(v.channels_last, [&](auto cl) {
+      bool_switch(v.channels_last, [&](auto cl) {
         constexpr bool CL = decltype(cl)::value;
         if (chunks > 0) {
           using P = BnStatsPartialProgram<scalar_t, Acc, CL>;
@@ -211,7 +212,7 @@ struct BnActPasses {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_bwd", [&] {
       using Acc = at::opmath_type<scalar_t>;
       at::Tensor partial = at::empty({chunks, 2, v.C}, acc_options);
-      with_layout(v.channels_last, [&](auto cl) {
+      bool_switch(v.channels_last, [&](auto cl) {
         constexpr bool CL = decltype(cl)::value;
         typename BnGradSumsProgram<scalar_t, Acc, CL>::Args args{
             y.mutable_data_ptr<scalar_t>(),
@@ -246,15 +247,6 @@ struct BnActPasses {
       });
     });
     return {grad_gamma, grad_beta};
-  }
-
- private:
-  template <typename Fn>
-  static void with_layout(bool channels_last, Fn&& fn) {
-    if (channels_last)
-      fn(std::true_type{});
-    else
-      fn(std::false_type{});
   }
 };
 
