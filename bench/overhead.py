@@ -176,4 +176,8 @@ OP = Op(
     baselines={},
     default_batch={"cpu": BATCH, "cuda": BATCH},
     host_timed=True,
+    # The model row at batch 1: its last BatchNorms normalise over 4 values per channel, which
+    # amplifies float32 rounding (eager's own float32 result moves between runs by up to 0.07%
+    # of the elements beyond the float32 tolerance), as deep networks do in bench/model.py.
+    tolerance_scale=5.0,
 )
