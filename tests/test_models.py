@@ -178,11 +178,15 @@ def block_cases():
             for backend in MODEL_BACKENDS:
                 param_id = f"{name}-{activation}-{backend.id}"
                 cases.append(pytest.param(name, activation, backend.values[0], id=param_id))
-    # One Triton case: the blocks differ only in the fused ops they call, whose Triton kernels
-    # test_fused.py and test_mobilenet.py check, and the interpreter takes seconds per
-    # depthwise op (28 s for the inverted residual block).
-    case = ("conv_bn_act-skip", "relu6", "triton")
-    cases.append(pytest.param(*case, marks=TRITON.marks, id="-".join(case)))
+    # Triton under the interpreter on the blocks with both kinds of fused op: the blocks differ
+    # only in the fused ops they call, whose Triton kernels test_fused.py and test_mobilenet.py
+    # check over their grids, and the interpreter takes seconds per depthwise op.
+    for case in (
+        ("conv_bn_act-skip", "relu6", "triton"),
+        ("depthwise_separable-skip-se-pw_act", "silu", "triton"),
+        ("inverted_residual-skip-se", "hardswish", "triton"),
+    ):
+        cases.append(pytest.param(*case, marks=TRITON.marks, id="-".join(case)))
     return cases
 
 
