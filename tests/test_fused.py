@@ -357,6 +357,29 @@ def test_depthwise_programs_statistics_of_many_chunks():
     torch.testing.assert_close(var.double(), y.var((0, 2, 3), unbiased=False), **tol)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_native_cpu_bn_passes_do_not_depend_on_the_thread_count(layout, activation):
+    """The native CPU BN passes (the CPU loops) split the positions into chunks by the shape
+    alone: one thread and two give the same bits, forward and backward (through the depthwise
+    convolution, whose CPU loops are thread-count independent too). 2x19x20x20 makes 13 chunks
+    of 64 positions (NCHW chunks crossing an image plane's end) and 19 channels (two 8-lane
+    vectors and 3 single lanes)."""
+    case = FusedCase("depthwise", 2, 19, 19, 20, 20, layout, 3, 1, 1)
+    tensors = case.make()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs.append(run_steps(case, "native", tensors, True, activation))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, rm1, rv1, grads1), (out2, rm2, rv2, grads2) = runs
+    for a, b in zip((out1, rm1, rv1, *grads1), (out2, rm2, rv2, *grads2)):
+        assert torch.equal(a, b)
+
+
 def _tf32_ties(t):
     """Values halfway between two neighbouring TF32 numbers, the neighbour away from zero and
     the one towards zero."""

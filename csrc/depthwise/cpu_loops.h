@@ -14,36 +14,12 @@
 // lives in an anonymous namespace; the entry points are declared in cpu_loops_entry.h.
 #pragma once
 
+#include "common/cpu_lanes.h"
 #include "depthwise_geometry.h"
 
 namespace {
 
 using depsep::DwGeometry;
-
-template <typename T>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec32<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-template <typename T>
-struct Lanes {
-  using V = typename Vec32<T>::type;
-  static constexpr int kLanes = 32 / sizeof(T);
-
-  static V load(const T* p) {
-    V v;
-    __builtin_memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
-  static V zero() { return V{}; }
-};
 
 // One tap that reaches a pixel: its index in [0, kH*kW) and the element offset of the source
 // pixel (channel 0) it reads.
@@ -413,8 +389,7 @@ T dot(const T* a, const T* b, int64_t stride, int64_t n) {
   typename L::V acc = L::zero();
   if (stride == 1)
     for (; j + L::kLanes <= n; j += L::kLanes) acc += L::load(a + j) * L::load(b + j);
-  T sum = T(0);
-  for (int l = 0; l < L::kLanes; ++l) sum += acc[l];
+  T sum = L::sum(acc);
   for (; j < n; ++j) sum += a[j] * b[j * stride];
   return sum;
 }

@@ -7,20 +7,12 @@
 
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/cpu_launcher.h"
 #include "depthwise/cpu_loops_entry.h"
 #include "depthwise/depthwise_ops.h"
 
 namespace depsep {
-
-inline bool cpu_loops_use_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
 
 // The CPU loops of the best instruction set this processor has.
 template <typename T>

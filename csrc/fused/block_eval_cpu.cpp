@@ -38,11 +38,10 @@ std::pair<at::Tensor, at::Tensor> eval_scale_shift(int64_t C, const at::Tensor& 
   const at::Tensor rv = bn_channel_vector(running_var, names[1], C, like);
   TORCH_CHECK(rm.defined() && rv.defined(), "depsep: ", names[0], " and ", names[1],
               " are required");
-  BnVectors bn(C, like, false, rm, rv);
-  bn_reduce<CpuLauncher>(bn, at::empty({0, 3, C}, bn.mean.options()),
-                         bn_channel_vector(bn_weight, names[2], C, like),
+  BnVectors bn(C, like);
+  bn_reduce<CpuLauncher>(bn, at::Tensor(), rm, rv, bn_channel_vector(bn_weight, names[2], C, like),
                          bn_channel_vector(bn_bias, names[3], C, like), eps);
-  return {bn.scale, bn.shift};
+  return {bn.affine[0], bn.affine[1]};
 }
 
 template <typename T>

@@ -33,27 +33,6 @@ std::tuple<at::Tensor, at::Tensor> bn_act_conv_forward(const Conv& conv, const a
                                                        double eps, int32_t act) {
   if constexpr (Conv::kFusesBn) {
     return conv.forward_bn_act(input, weight, gamma, beta, rm, rv, training, eps, act);
-  } else if (!training &&
-             (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble)) {
-    // Eval: BN folded into the convolution (weight * scale, bias = shift), then the activation
-    // in place: one pass of the convolution and one of the activation (ATen's vectorised
-    // kernels), none of BN.
-    const int64_t C = weight.size(0);
-    BnVectors bn(C, input, false, rm, rv);
-    bn_reduce<Launcher>(bn, at::empty({0, 3, C}, bn.mean.options()), gamma, beta, eps);
-    const at::Tensor scale = bn.scale.to(input.scalar_type());
-    at::Tensor y =
-        conv.forward(input, weight * scale.view({-1, 1, 1, 1}), bn.shift.to(input.scalar_type()));
-    TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");
-    if (act == kActRelu)
-      y.relu_();
-    else if (act == kActRelu6)
-      y.clamp_(0, 6);
-    else if (act == kActSilu)
-      at::silu_(y);
-    else if (act == kActHardswish)
-      at::hardswish_(y);
-    return {y, bn.stats};
   } else {
     at::Tensor y = conv.forward(input, weight);
     TORCH_CHECK(y.numel() > 0, "depsep: the fused ops need a non-empty input");

@@ -168,13 +168,15 @@ struct BnMomentsMergeProgram {
 
 template <typename Acc>
 struct BnStatsReduceArgs {
-  const Acc* partial;  // [chunks][3][C]
-  const Acc* gamma;    // [C] or nullptr (1)
-  const Acc* beta;     // [C] or nullptr (0)
-  Acc* mean;           // [C]
-  Acc* var;            // [C] biased
-  Acc* scale;          // [C]
-  Acc* shift;          // [C]
+  const Acc* partial;     // [chunks][3][C], or nullptr: take given_mean and given_var
+  const Acc* given_mean;  // [C]
+  const Acc* given_var;   // [C] biased
+  const Acc* gamma;       // [C] or nullptr (1)
+  const Acc* beta;        // [C] or nullptr (0)
+  Acc* mean;              // [C]
+  Acc* var;               // [C] biased
+  Acc* scale;             // [C]
+  Acc* shift;             // [C]
   Acc eps;
   int64_t chunks, C;
 };
@@ -189,7 +191,7 @@ DEPSEP_HD void bn_affine(Acc mean, Acc var, Acc eps, const Acc* gamma, const Acc
 
 // Statistics pass 2: one thread = one channel; merges the (at most kBnMergeGroup, after pass 1b)
 // chunks in index order, then derives the channel's scale and shift. With chunks == 0 it takes
-// mean and var as given (eval).
+// the given mean and var (eval, the backward's saved statistics).
 template <typename Acc>
 struct BnStatsReduceProgram {
   using Args = BnStatsReduceArgs<Acc>;
@@ -205,6 +207,9 @@ struct BnStatsReduceProgram {
       }
       a.mean[c] = m.mean;
       a.var[c] = m.m2 / m.count;
+    } else {
+      a.mean[c] = a.given_mean[c];
+      a.var[c] = a.given_var[c];
     }
     bn_affine(a.mean[c], a.var[c], a.eps, a.gamma, a.beta, c, a.scale, a.shift);
   }

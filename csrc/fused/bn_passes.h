@@ -40,7 +40,9 @@ inline at::Tensor bn_channel_vector(const std::optional<at::Tensor>& t, const ch
   TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "depsep: ", name, " must have shape [", C,
               "], got ", t->sizes());
   TORCH_CHECK(t->device() == like.device(), "depsep: ", name, " must be on ", like.device());
-  return t->to(bn_acc_type(like.scalar_type())).contiguous();
+  // Tensor::to dispatches even when it has nothing to do; contiguous() checks inline.
+  const at::ScalarType acc = bn_acc_type(like.scalar_type());
+  return (t->scalar_type() == acc ? *t : t->to(acc)).contiguous();
 }
 
 template <typename Acc>
@@ -61,29 +63,43 @@ inline BnView bn_view(const at::Tensor& y) {
   return {y.size(0), y.size(1), y.size(2) * y.size(3), cl};
 }
 
-// The per-channel vectors of one BN: `stats` [2, C] holds the mean and biased variance (the
-// batch's, reduced from partial moments, in training; a copy of the running ones in eval) that
-// the op returns; scale and shift fold BN into one multiply-add.
+// The per-channel vectors of one BN, in two [2, C] Acc tensors (two allocations, no views: a
+// tensor op costs the host about a microsecond, which a tiny layer notices): `stats` holds the
+// mean and biased variance that the op returns (the batch's in training, a copy of the given
+// ones otherwise), `affine` the scale and shift that fold BN into one multiply-add. bn_reduce
+// fills both.
 struct BnVectors {
-  at::Tensor stats, mean, var, scale, shift;
+  at::Tensor stats, affine;
 
-  BnVectors(int64_t C, const at::Tensor& like, bool training, const at::Tensor& running_mean,
-            const at::Tensor& running_var) {
+  BnVectors(int64_t C, const at::Tensor& like) {
     const auto options = like.options().dtype(bn_acc_type(like.scalar_type()));
     stats = at::empty({2, C}, options);
-    mean = stats[0];
-    var = stats[1];
-    if (!training) {
-      mean.copy_(running_mean);
-      var.copy_(running_var);
-    }
-    scale = at::empty({C}, options);
-    shift = at::empty({C}, options);
+    affine = at::empty({2, C}, options);
+  }
+
+  int64_t channels() const { return stats.size(1); }
+  at::TensorOptions options() const { return stats.options(); }
+
+  template <typename Acc>
+  Acc* mean() const {
+    return stats.mutable_data_ptr<Acc>();
+  }
+  template <typename Acc>
+  Acc* var() const {
+    return stats.mutable_data_ptr<Acc>() + channels();
+  }
+  template <typename Acc>
+  Acc* scale() const {
+    return affine.mutable_data_ptr<Acc>();
+  }
+  template <typename Acc>
+  Acc* shift() const {
+    return affine.mutable_data_ptr<Acc>() + channels();
   }
 
   template <typename Acc>
   BnChannelVectors<Acc> channel_vectors() const {
-    return {mean.const_data_ptr<Acc>(), scale.const_data_ptr<Acc>(), shift.const_data_ptr<Acc>()};
+    return {mean<Acc>(), scale<Acc>(), shift<Acc>()};
   }
 };
 
@@ -124,15 +140,16 @@ void bn_update_running_stats(const at::Tensor& stats, const std::optional<at::Te
   });
 }
 
-// Merges `partial` ([chunks, 3, C] moments, in order; chunks may be 0 in eval) into v.mean and
-// v.var, in groups of kBnMergeGroup chunks while more are left, then derives v.scale and v.shift.
+// Fills v: with `partial` ([chunks, 3, C] moments, in order) the batch's mean and variance,
+// merged in groups of kBnMergeGroup chunks while more are left; without it (undefined: eval, a
+// backward) a copy of `mean` and `var`, Acc vectors. Then the scale and shift.
 template <typename Launcher>
-void bn_reduce(BnVectors& v, at::Tensor partial, const at::Tensor& gamma, const at::Tensor& beta,
-               double eps) {
-  AT_DISPATCH_FLOATING_TYPES(v.mean.scalar_type(), "bn_reduce", [&] {
+void bn_reduce(BnVectors& v, at::Tensor partial, const at::Tensor& mean, const at::Tensor& var,
+               const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(v.stats.scalar_type(), "bn_reduce", [&] {
     using Acc = scalar_t;
     using M = BnMomentsMergeProgram<Acc>;
-    while (partial.size(0) > kBnMergeGroup) {
+    while (partial.defined() && partial.size(0) > kBnMergeGroup) {
       at::Tensor merged =
           at::empty({M::groups(partial.size(0)), 3, partial.size(2)}, partial.options());
       typename M::Args args{partial.const_data_ptr<Acc>(), merged.mutable_data_ptr<Acc>(),
@@ -141,16 +158,18 @@ void bn_reduce(BnVectors& v, at::Tensor partial, const at::Tensor& gamma, const 
       partial = merged;
     }
     using R = BnStatsReduceProgram<Acc>;
-    typename R::Args args{partial.size(0) > 0 ? partial.const_data_ptr<Acc>() : nullptr,
+    typename R::Args args{partial.defined() ? partial.const_data_ptr<Acc>() : nullptr,
+                          partial.defined() ? nullptr : mean.const_data_ptr<Acc>(),
+                          partial.defined() ? nullptr : var.const_data_ptr<Acc>(),
                           bn_ptr_or_null<Acc>(gamma),
                           bn_ptr_or_null<Acc>(beta),
-                          v.mean.mutable_data_ptr<Acc>(),
-                          v.var.mutable_data_ptr<Acc>(),
-                          v.scale.mutable_data_ptr<Acc>(),
-                          v.shift.mutable_data_ptr<Acc>(),
+                          v.mean<Acc>(),
+                          v.var<Acc>(),
+                          v.scale<Acc>(),
+                          v.shift<Acc>(),
                           static_cast<Acc>(eps),
-                          partial.size(0),
-                          v.mean.size(0)};
+                          partial.defined() ? partial.size(0) : 0,
+                          v.channels()};
     Launcher::template launch<R>(args, R::num_threads(args));
   });
 }
@@ -162,11 +181,11 @@ struct BnActPasses {
                             const at::Tensor& running_mean, const at::Tensor& running_var,
                             bool training, double eps, int32_t act) {
     const BnView v = bn_view(y);
-    BnVectors bn(v.C, y, training, running_mean, running_var);
+    BnVectors bn(v.C, y);
     const int64_t positions = v.N * v.S;
     const int64_t chunk = bn_chunk_positions(positions);
     const int64_t chunks = training ? (positions + chunk - 1) / chunk : 0;
-    at::Tensor partial = at::empty({chunks, 3, v.C}, bn.mean.options());
+    const at::Tensor partial = training ? at::empty({chunks, 3, v.C}, bn.options()) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_fwd", [&] {
       using Acc = at::opmath_type<scalar_t>;
       bool_switch(v.channels_last, [&](auto cl) {
@@ -182,7 +201,7 @@ struct BnActPasses {
                                 chunks};
           Launcher::template launch<P>(args, P::num_threads(args));
         }
-        bn_reduce<Launcher>(bn, partial, gamma, beta, eps);
+        bn_reduce<Launcher>(bn, partial, running_mean, running_var, gamma, beta, eps);
         using A = BnApplyProgram<scalar_t, Acc, CL>;
         typename A::Args apply{
             y.mutable_data_ptr<scalar_t>(), bn.channel_vectors<Acc>(), v.N, v.C, v.S, act};
@@ -200,9 +219,9 @@ struct BnActPasses {
                                                      const at::Tensor& var, bool training,
                                                      double eps, int32_t act) {
     const BnView v = bn_view(y);
-    BnVectors bn(v.C, y, false, mean, var);
-    bn_reduce<Launcher>(bn, at::empty({0, 3, v.C}, bn.mean.options()), gamma, beta, eps);
-    const auto acc_options = bn.mean.options();
+    BnVectors bn(v.C, y);
+    bn_reduce<Launcher>(bn, at::Tensor(), mean, var, gamma, beta, eps);
+    const auto acc_options = bn.options();
     at::Tensor grad_gamma = at::empty({v.C}, acc_options);
     at::Tensor grad_beta = at::empty({v.C}, acc_options);
     at::Tensor coef = at::empty({3, v.C}, acc_options);
@@ -232,7 +251,7 @@ struct BnActPasses {
         using G = BnGradReduceProgram<Acc>;
         typename G::Args reduce{partial.const_data_ptr<Acc>(),
                                 bn_ptr_or_null<Acc>(gamma),
-                                bn.var.const_data_ptr<Acc>(),
+                                bn.var<Acc>(),
                                 grad_gamma.mutable_data_ptr<Acc>(),
                                 grad_beta.mutable_data_ptr<Acc>(),
                                 coef.mutable_data_ptr<Acc>(),

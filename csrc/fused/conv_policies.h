@@ -1,6 +1,6 @@
 // The convolution policies of the fused ops, one interface: `kFusesBn` says whether the policy
 // applies BN and the activation itself (forward_bn_act) or leaves them to BnActPasses over its
-// output (forward); every policy offers forward(input, weight[, bias]) and backward(...), the
+// output (forward); every policy offers forward(input, weight) and backward(...), the
 // convolution's gradients from g_y. PointwiseConv: ATen's GEMM; DepthwiseConv: the depthwise op
 // bodies of a Compute; DepthwiseFusedConv: the depthwise thread programs with the BN epilogue.
 // The 1x1 GEMM with the BN epilogue (PointwiseFusedConv) is in pointwise_gemm_ops.h.
@@ -41,25 +41,15 @@ struct PointwiseConv {
   // [N, C, H*W] planes of an NCHW tensor (a view).
   static at::Tensor planes(const at::Tensor& t) { return t.reshape({t.size(0), t.size(1), -1}); }
 
-  // y = conv(input) (+ bias per output channel: the GEMM's own epilogue adds it).
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight,
-                     const at::Tensor& bias = at::Tensor()) const {
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) const {
     const at::Tensor w = weight.reshape({weight.size(0), weight.size(1)});
     const at::Tensor x = input.contiguous(input.suggest_memory_format());
     at::Tensor y = output_like(x, w.size(0));
     at::Tensor y_view = channels_last(x) ? rows(y) : planes(y);  // writes through to y
-    if (channels_last(x)) {
-      if (bias.defined())
-        at::addmm_out(y_view, bias, rows(x), w.t());
-      else
-        at::mm_out(y_view, rows(x), w.t());
-    } else {
-      if (bias.defined())
-        at::baddbmm_out(y_view, bias.view({1, -1, 1}).expand(y_view.sizes()),
-                        w.expand({x.size(0), -1, -1}), planes(x));
-      else
-        at::matmul_out(y_view, w, planes(x));
-    }
+    if (channels_last(x))
+      at::mm_out(y_view, rows(x), w.t());
+    else
+      at::matmul_out(y_view, w, planes(x));
     return y;
   }
 
@@ -101,11 +91,8 @@ struct DepthwiseConv {
   DepthwiseConv(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation)
       : stride(stride), padding(padding), dilation(dilation) {}
 
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight,
-                     const at::Tensor& bias = at::Tensor()) const {
-    const std::optional<at::Tensor> b =
-        bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-    return depthwise_conv2d_fwd<Compute>(input, weight, b, stride, padding, dilation);
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight) const {
+    return depthwise_conv2d_fwd<Compute>(input, weight, std::nullopt, stride, padding, dilation);
   }
 
   void backward(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
@@ -148,8 +135,9 @@ struct DepthwiseFusedConv : DepthwiseConv<ProgramCompute<Launcher>> {
     TORCH_CHECK(out.numel() > 0, "depsep: the fused ops need a non-empty input");
     const DwPlan plan = dw_plan(g, cl, {&x, &w, &out});
     const DwWeightGradPlan chunks = dw_bn_stats_plan(g);
-    BnVectors bn(g.C, input, training, running_mean, running_var);
-    at::Tensor partial = at::empty({training ? chunks.chunks : 0, 3, g.C}, bn.mean.options());
+    BnVectors bn(g.C, input);
+    const at::Tensor partial =
+        training ? at::empty({chunks.chunks, 3, g.C}, bn.options()) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_bn_fwd", [&] {
       using Acc = at::opmath_type<scalar_t>;
       if (training) {
@@ -160,7 +148,7 @@ struct DepthwiseFusedConv : DepthwiseConv<ProgramCompute<Launcher>> {
           Launcher::template launch<P>(args, P::num_threads(g, chunks));
         });
       }
-      bn_reduce<Launcher>(bn, partial, gamma, beta, eps);
+      bn_reduce<Launcher>(bn, partial, running_mean, running_var, gamma, beta, eps);
       with_spatial_program<DwForwardProgram, scalar_t>(plan, [&](auto program) {
         using P = decltype(program);
         typename P::Args args{x.const_data_ptr<scalar_t>(),
@@ -168,8 +156,8 @@ struct DepthwiseFusedConv : DepthwiseConv<ProgramCompute<Launcher>> {
                               nullptr,
                               out.mutable_data_ptr<scalar_t>(),
                               g,
-                              bn.scale.const_data_ptr<Acc>(),
-                              bn.shift.const_data_ptr<Acc>(),
+                              bn.scale<Acc>(),
+                              bn.shift<Acc>(),
                               act};
         Launcher::template launch<P>(args, P::num_threads(g));
       });

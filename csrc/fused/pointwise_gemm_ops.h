@@ -61,8 +61,9 @@ struct PointwiseFusedConv : PointwiseConv {
     TORCH_CHECK(M > 0, "depsep: the fused ops need a non-empty input");
     const int64_t rows_per_block = pw_stats_rows_per_block(M);
     const int64_t chunks = training ? (M + rows_per_block - 1) / rows_per_block : 0;
-    BnVectors bn(w.size(0), x, training, running_mean, running_var);
-    at::Tensor partial = at::empty({chunks, 3, w.size(0)}, bn.mean.options());
+    BnVectors bn(w.size(0), x);
+    const at::Tensor partial =
+        training ? at::empty({chunks, 3, w.size(0)}, bn.options()) : at::Tensor();
     const bool aligned = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 == 0;
     const auto run = [&](auto type_tag) {
@@ -70,7 +71,7 @@ struct PointwiseFusedConv : PointwiseConv {
       PwGemmArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
                                 w.const_data_ptr<scalar_t>(),
                                 out.mutable_data_ptr<scalar_t>(),
-                                chunks > 0 ? partial.mutable_data_ptr<float>() : nullptr,
+                                training ? partial.mutable_data_ptr<float>() : nullptr,
                                 nullptr,
                                 nullptr,
                                 M,
@@ -83,9 +84,9 @@ struct PointwiseFusedConv : PointwiseConv {
         using Statistics = PwGemmProgram<scalar_t, true>;
         BlockLauncher::template launch<Statistics>(args, Statistics::grid(args));
       }
-      bn_reduce<Launcher>(bn, partial, gamma, beta, eps);
-      args.scale = bn.scale.const_data_ptr<float>();
-      args.shift = bn.shift.const_data_ptr<float>();
+      bn_reduce<Launcher>(bn, partial, running_mean, running_var, gamma, beta, eps);
+      args.scale = bn.scale<float>();
+      args.shift = bn.shift<float>();
       using Apply = PwGemmProgram<scalar_t, false>;
       BlockLauncher::template launch<Apply>(args, Apply::grid(args));
     };
