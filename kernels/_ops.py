@@ -10,6 +10,7 @@ Every backend's op of a name has the same schema; `OPS[backend]` holds their han
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -542,55 +543,10 @@ class DepthwiseConv2dWeightGrad(torch.autograd.Function):
         return None, d_grad_output, d_input, None, None, None, None, None
 
 
-class BnAct(torch.autograd.Function):
-    """A fused convolution + BatchNorm + activation forward op `fwd` (with its backward op `bwd`
-    of the same OpSet), called with `args` in the op's order: input, weight, the `geometry`
-    arguments of a depthwise convolution (stride, padding, dilation; none for the 1x1 one), then
-    the BatchNorm tensors and options. Autograd keeps the input, the weights and the [2, C]
-    statistics: the backward op recomputes the convolution, the BN output and the activation
-    mask."""
-
-    @staticmethod
-    def forward(ctx, fwd: OpOverload, bwd: OpOverload, geometry: int, *args):
-        out, stats = fwd(*args)
-        input, weight = args[0], args[1]
-        bn_weight, bn_bias = args[2 + geometry], args[3 + geometry]
-        ctx.bwd = bwd
-        ctx.geometry = args[2 : 2 + geometry]
-        ctx.options = (args[-4], args[-2], args[-1])  # training, eps, activation
-        ctx.save_for_backward(input, weight, bn_weight, bn_bias, stats)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, bn_weight, bn_bias, stats = ctx.saved_tensors
-        geometry = len(ctx.geometry)
-        needs = ctx.needs_input_grad
-        mask = [needs[3], needs[4], needs[5 + geometry], needs[6 + geometry]]
-        grads = ctx.bwd(
-            grad_output, input, weight, *ctx.geometry, bn_weight, bn_bias, stats, *ctx.options, mask
-        )
-        input_grad, weight_grad, bn_weight_grad, bn_bias_grad = (
-            g if wanted else None for g, wanted in zip(grads, mask)
-        )
-        return (
-            None,
-            None,
-            None,
-            input_grad,
-            weight_grad,
-            *([None] * geometry),
-            bn_weight_grad,
-            bn_bias_grad,
-            *([None] * 7),
-        )
-
-
-@dataclass(frozen=True)
-class ChainStage:
-    """One stage of a BnActChain: a fused forward op and its backward op, their non-tensor
-    arguments, and whether the chain keeps this stage's input for backward (the chain input is
-    always kept; an input not kept is recomputed from the previous stage's)."""
+class BnActCall(NamedTuple):
+    """A fused op's non-tensor half: its forward op, its backward op (of the same OpSet) and the
+    arguments that are not tensors (`geometry`: a depthwise convolution's stride, padding and
+    dilation; empty for the 1x1 one). A tuple, as cheap to build per call as anything is."""
 
     fwd: OpOverload
     bwd: OpOverload
@@ -599,6 +555,77 @@ class ChainStage:
     momentum: float | None
     eps: float
     activation: str
+
+
+def bn_act_forward(
+    call: BnActCall, input, weight, bn_weight, bn_bias, running_mean, running_var, nbt
+):
+    """(output, [2, C] statistics) of the fused forward op `call.fwd`."""
+    return call.fwd(
+        input,
+        weight,
+        *call.geometry,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        nbt,
+        call.training,
+        call.momentum,
+        call.eps,
+        call.activation,
+    )
+
+
+def bn_act_backward(call: BnActCall, grad_output, input, weight, bn_weight, bn_bias, stats, mask):
+    """(grad input, weight, bn_weight, bn_bias) of the fused backward op `call.bwd`, each
+    computed where `mask` says."""
+    return call.bwd(
+        grad_output,
+        input,
+        weight,
+        *call.geometry,
+        bn_weight,
+        bn_bias,
+        stats,
+        call.training,
+        call.eps,
+        call.activation,
+        mask,
+    )
+
+
+class BnAct(torch.autograd.Function):
+    """A fused convolution + BatchNorm + activation op, `call` its ops and options. Autograd keeps
+    the input, the weights and the [2, C] statistics: the backward op recomputes the convolution,
+    the BN output and the activation mask."""
+
+    @staticmethod
+    def forward(
+        ctx, call: BnActCall, input, weight, bn_weight, bn_bias, running_mean, running_var, nbt
+    ):
+        out, stats = bn_act_forward(
+            call, input, weight, bn_weight, bn_bias, running_mean, running_var, nbt
+        )
+        ctx.call = call
+        ctx.save_for_backward(input, weight, bn_weight, bn_bias, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bn_weight, bn_bias, stats = ctx.saved_tensors
+        call = ctx.call
+        mask = list(ctx.needs_input_grad[1:5])  # input, weight, bn_weight, bn_bias
+        grads = bn_act_backward(call, grad_output, input, weight, bn_weight, bn_bias, stats, mask)
+        return (None, *(g if wanted else None for g, wanted in zip(grads, mask)), None, None, None)
+
+
+class ChainStage(NamedTuple):
+    """One stage of a BnActChain: its fused ops and options, and whether the chain keeps this
+    stage's input for backward (the chain input is always kept; an input not kept is recomputed
+    from the previous stage's)."""
+
+    call: BnActCall
     keep_input: bool
 
 
@@ -632,20 +659,7 @@ class BnActChain(torch.autograd.Function):
             w, bn_w, bn_b, rm, rv, nbt = tensors[index * per_stage : (index + 1) * per_stage]
             if index > 0:
                 kept.append(x if stage.keep_input else None)
-            x, stage_stats = stage.fwd(
-                x,
-                w,
-                *stage.geometry,
-                bn_w,
-                bn_b,
-                rm,
-                rv,
-                nbt,
-                stage.training,
-                stage.momentum,
-                stage.eps,
-                stage.activation,
-            )
+            x, stage_stats = bn_act_forward(stage.call, x, w, bn_w, bn_b, rm, rv, nbt)
             weights += (w, bn_w, bn_b)
             stats.append(stage_stats)
         ctx.stages = stages
@@ -662,34 +676,23 @@ class BnActChain(torch.autograd.Function):
         stats = saved[4 * count :]
         for index in range(1, count):
             if inputs[index] is None:  # recompute it, as the forward computed it
-                stage = stages[index - 1]
+                call = stages[index - 1].call
                 w, bn_w, bn_b = weights[3 * (index - 1) : 3 * index]
                 # A training stage normalises with the batch's statistics again (no running
                 # statistics to update): the same values in the same order give the forward's
                 # output bit for bit, which an eval-mode call with the saved statistics would
-                # not (it may fold BN into the weight), and over a few values per channel BN
-                # amplifies any difference. An eval stage takes its saved running statistics.
-                mean, var = (None, None) if stage.training else stats[index - 1]
-                inputs[index], _ = stage.fwd(
-                    inputs[index - 1],
-                    w,
-                    *stage.geometry,
-                    bn_w,
-                    bn_b,
-                    mean,
-                    var,
-                    None,
-                    stage.training,
-                    None,
-                    stage.eps,
-                    stage.activation,
+                # not (its scale and shift come from the saved, rounded statistics), and over a
+                # few values per channel BN amplifies any difference. An eval stage takes its
+                # saved running statistics.
+                mean, var = (None, None) if call.training else stats[index - 1]
+                inputs[index], _ = bn_act_forward(
+                    call, inputs[index - 1], w, bn_w, bn_b, mean, var, None
                 )
         per_stage = len(CHAIN_STAGE_TENSORS)
         needs = ctx.needs_input_grad
         grads = [None] * (len(needs))
         grad = grad_output
         for index in reversed(range(count)):
-            stage = stages[index]
             first = 2 + index * per_stage  # this stage's weight in the Function's inputs
             earlier = needs[1] or any(
                 any(needs[2 + k * per_stage : 5 + k * per_stage]) for k in range(index)
@@ -698,18 +701,8 @@ class BnActChain(torch.autograd.Function):
             if not any(mask):
                 continue
             w, bn_w, bn_b = weights[3 * index : 3 * index + 3]
-            results = stage.bwd(
-                grad,
-                inputs[index],
-                w,
-                *stage.geometry,
-                bn_w,
-                bn_b,
-                stats[index],
-                stage.training,
-                stage.eps,
-                stage.activation,
-                mask,
+            results = bn_act_backward(
+                stages[index].call, grad, inputs[index], w, bn_w, bn_b, stats[index], mask
             )
             inputs[index] = None  # its memory goes back as soon as the stage is done
             for offset, (result, wanted) in enumerate(zip(results[1:], mask[1:])):

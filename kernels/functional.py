@@ -95,23 +95,11 @@ def _bn_act(
         fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
     else:
         fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
-    args = (
-        input,
-        weight,
-        *geometry,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        training,
-        momentum,
-        float(eps),
-        act,
-    )
+    call = _ops.BnActCall(fwd, bwd, geometry, training, momentum, float(eps), act)
+    tensors = (input, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
     if not torch.is_grad_enabled():  # nothing to record: the op alone, without a Function
-        return fwd(*args)[0]
-    return _ops.BnAct.apply(fwd, bwd, len(geometry), *args)
+        return _ops.bn_act_forward(call, *tensors)[0]
+    return _ops.BnAct.apply(call, *tensors)
 
 
 def pointwise_bn_act(
@@ -306,26 +294,29 @@ def bn_act_chain(
             )
         return x
     ops = _ops.OPS[chosen]
-    if not torch.is_grad_enabled():
-        return _bn_act_chain_no_grad(ops, input, tensors, plan, stages, training)
     chain = tuple(
         _ops.ChainStage(
-            ops.depthwise_bn_act_fwd if depthwise else ops.pointwise_bn_act_fwd,
-            ops.depthwise_bn_act_bwd if depthwise else ops.pointwise_bn_act_bwd,
-            geometry,
-            stage.training,
-            stage.momentum,
-            float(stage.eps),
-            act,
+            _ops.BnActCall(
+                ops.depthwise_bn_act_fwd if depthwise else ops.pointwise_bn_act_fwd,
+                ops.depthwise_bn_act_bwd if depthwise else ops.pointwise_bn_act_bwd,
+                geometry,
+                stage.training,
+                stage.momentum,
+                float(stage.eps),
+                act,
+            ),
             # A stage's input is kept when the previous stage is a 1x1 one (default) or never.
             index > 0 and recompute == "depthwise" and not plan[index - 1][0],
         )
         for index, (stage, (depthwise, geometry, act)) in enumerate(zip(stages, plan))
     )
+    if not torch.is_grad_enabled():
+        depthwise = [depthwise for depthwise, _, _ in plan]
+        return _bn_act_chain_no_grad(ops, input, tensors, chain, depthwise, training)
     return _ops.BnActChain.apply(chain, input, *tensors)
 
 
-def _bn_act_chain_no_grad(ops, input, tensors, plan, stages, training) -> Tensor:
+def _bn_act_chain_no_grad(ops, input, tensors, chain, depthwise, training) -> Tensor:
     """bn_act_chain with nothing to record: a depthwise then a 1x1 stage in eval as the
     backend's one-pass block op where it has one for this device, else the ops one after
     another."""
@@ -334,45 +325,33 @@ def _bn_act_chain_no_grad(ops, input, tensors, plan, stages, training) -> Tensor
     if (
         block is not None
         and not training
-        and [depthwise for depthwise, _, _ in plan] == [True, False]
+        and depthwise == [True, False]
         and _ops.has_kernel(block, input.device)
     ):
+        dw, pw = chain[0].call, chain[1].call
         dw_w, dw_bn_w, dw_bn_b, dw_rm, dw_rv, _ = tensors[:per_stage]
         pw_w, pw_bn_w, pw_bn_b, pw_rm, pw_rv, _ = tensors[per_stage:]
         return block(
             input,
             dw_w,
-            *plan[0][1],
+            *dw.geometry,
             dw_bn_w,
             dw_bn_b,
             dw_rm,
             dw_rv,
-            float(stages[0].eps),
-            plan[0][2],
+            dw.eps,
+            dw.activation,
             pw_w,
             pw_bn_w,
             pw_bn_b,
             pw_rm,
             pw_rv,
-            float(stages[1].eps),
-            plan[1][2],
+            pw.eps,
+            pw.activation,
         )
     x = input
-    for index, ((depthwise, geometry, act), stage) in enumerate(zip(plan, stages)):
-        w, bn_w, bn_b, rm, rv, nbt = tensors[index * per_stage : (index + 1) * per_stage]
-        fwd = ops.depthwise_bn_act_fwd if depthwise else ops.pointwise_bn_act_fwd
-        x, _ = fwd(
-            x,
-            w,
-            *geometry,
-            bn_w,
-            bn_b,
-            rm,
-            rv,
-            nbt,
-            stage.training,
-            stage.momentum,
-            float(stage.eps),
-            act,
+    for index, stage in enumerate(chain):
+        x, _ = _ops.bn_act_forward(
+            stage.call, x, *tensors[index * per_stage : (index + 1) * per_stage]
         )
     return x
