@@ -12,6 +12,7 @@ one), the layer runs its children one after another, as nn.Sequential does.
 
 from collections.abc import Sequence
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -231,6 +232,95 @@ def run_fused(
         backend=backend,
         num_batches_tracked=stage.num_batches_tracked,
         **geometry,
+    )
+
+
+def recomputable_run(conv: nn.Module, bn: nn.Module, act: nn.Module | None) -> bool:
+    """Whether run_recomputed computes conv -> bn -> act exactly: any plain nn.Conv2d with zero
+    padding, an nn.BatchNorm2d, an activation the fused ops know, no hooks."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and type(bn) is nn.BatchNorm2d
+        and activation_op(act) is not None
+        and not any(_has_hooks(m) for m in (conv, bn, act) if m is not None)
+    )
+
+
+class _RecomputedRun(torch.autograd.Function):
+    """conv -> BatchNorm -> activation by PyTorch's ops, keeping only the input (and the
+    parameters) for backward: the backward computes the run again, in training with the batch's
+    statistics and no running ones (those moved once, in the forward), under the forward's
+    autocast state, and differentiates that. For runs no fused op computes: a network's stem
+    (a full convolution) would otherwise keep its convolution and BatchNorm outputs."""
+
+    @staticmethod
+    def forward(ctx, spec, input, weight, bias, bn_weight, bn_bias, running_mean, running_var, nbt):
+        conv_args, training, momentum, eps, activation = spec
+        device_type = input.device.type
+        ctx.spec = spec
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        y = F.conv2d(input, weight, bias, *conv_args)
+        out = kernels.reference.bn_act(
+            y,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            nbt,
+            training,
+            momentum,
+            eps,
+            activation,
+        )
+        stats = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
+        conv_args, training, _, eps, activation = ctx.spec
+        device_type, autocast, autocast_dtype = ctx.autocast
+        needs = ctx.needs_input_grad[1:6]
+        leaves = [
+            None if t is None else t.detach().requires_grad_(need)
+            for t, need in zip((input, weight, bias, bn_weight, bn_bias), needs)
+        ]
+        with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast):
+            y = F.conv2d(leaves[0], leaves[1], leaves[2], *conv_args)
+            y = F.batch_norm(y, running_mean, running_var, leaves[3], leaves[4], training, 0.0, eps)
+            out = apply_activation(y, activation)
+        wanted = [t for t, need in zip(leaves, needs) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad_output))
+        return (None, *(next(grads) if need else None for need in needs), None, None, None)
+
+
+def run_recomputed(input: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module) -> Tensor:
+    """act(bn(conv(input))) of a recomputable run (see recomputable_run), as the modules compute
+    it, keeping only the input for backward (_RecomputedRun)."""
+    args = batch_norm_arguments(bn)
+    spec = (
+        (conv.stride, conv.padding, conv.dilation, conv.groups),
+        args["training"],
+        args["momentum"],
+        args["eps"],
+        activation_op(act),
+    )
+    return _RecomputedRun.apply(
+        spec,
+        input,
+        conv.weight,
+        conv.bias,
+        args["bn_weight"],
+        args["bn_bias"],
+        args["running_mean"],
+        args["running_var"],
+        args["num_batches_tracked"],
     )
 
 

@@ -2,8 +2,11 @@
 
 import functools
 
+import torch
+from torch import Tensor
+
 from . import reference
-from .layers import DepSepConv
+from .layers import DepSepConv, recomputable_run, run_recomputed
 
 PAPER_RESOLUTION = 224
 
@@ -14,7 +17,9 @@ class MobileNet(reference.MobileNet):
     module tree and state_dict keys are the reference's and a reference checkpoint loads with
     strict=True. Its 13 blocks run the fused ops (`backend`: their backend, None for auto; each
     block a chain in training, `recompute` as DepSepConv's); the stem (a full 3x3 convolution)
-    and the classifier are plain PyTorch.
+    and the classifier are plain PyTorch, the stem in training (unless recompute is None)
+    keeping only the image for backward (layers.run_recomputed: its convolution and BatchNorm
+    run again in backward, about 2% of the network's multiply-adds).
 
     The modules are created in the reference's order, so under the same seed both models start
     from the same parameters.
@@ -30,6 +35,16 @@ class MobileNet(reference.MobileNet):
     ):
         block = functools.partial(DepSepConv, backend=backend, recompute=recompute)
         super().__init__(alpha, num_classes, block=block)
+        self.recompute = recompute
+
+    def stem(self, x: Tensor) -> Tensor:
+        if (
+            self.recompute is not None
+            and torch.is_grad_enabled()
+            and recomputable_run(self.conv1, self.bn1, self.relu)
+        ):
+            return run_recomputed(x, self.conv1, self.bn1, self.relu)
+        return super().stem(x)
 
 
 def input_size(resolution_multiplier: float) -> int:

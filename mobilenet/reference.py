@@ -61,8 +61,11 @@ class MobileNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.stem(x)
         x = self.conv6(self.conv5(self.conv4(self.conv3(self.conv2(x)))))
         return self.fc(torch.flatten(self.avg_pool(x), 1))
 
