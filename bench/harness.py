@@ -298,13 +298,15 @@ def measure_copy(
 def measure_saved(fn: Callable[[], Any]) -> int:
     """The bytes autograd keeps for backward during one call: the storages of every tensor
     saved for backward (once each, whatever views of them were saved), but for those of the
-    parameters and their views (and of a grad-requiring input), which live anyway. What
+    parameters and their views (and of a grad-requiring input), which live anyway, and for what
+    a backward saves while it recomputes (freed as it finishes: the step's peak shows it). What
     activation memory a training step costs, apart from the allocator's reuse."""
     storages = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor if tensor._base is None else tensor._base  # a weight's transpose, say
-        if not (base.is_leaf and base.requires_grad):
+        in_backward = torch._C._current_graph_task_id() != -1
+        if not (in_backward or (base.is_leaf and base.requires_grad)):
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
