@@ -232,24 +232,29 @@ def bn_act_chain(
         raise ValueError(f"bn_act_chain: recompute must be one of {RECOMPUTE}, got {recompute!r}")
     if len(stages) == 0:
         raise ValueError("bn_act_chain: stages must not be empty")
-    (input,) = _autocast(input)
+    casting = torch._C._is_any_autocast_enabled()
+    if casting:
+        (input,) = _autocast(input)
     plan, tensors, like = [], [], input
+    dtype, device = input.dtype, input.device
     for index, stage in enumerate(stages):
         op = f"bn_act_chain stage {index}"
-        weight = _autocast(input, stage.weight)[1]
+        weight = _autocast(input, stage.weight)[1] if casting else stage.weight
         bn = (stage.running_mean, stage.running_var, stage.bn_weight, stage.bn_bias)
+        shape = tuple(like.shape)
         if stage.depthwise:
             g = _validate.depthwise_args(
                 op, like, weight, None, stage.stride, stage.padding, stage.dilation
             )
-            geometry, out_hw = (g.stride, g.padding, g.dilation), g.output_hw(*like.shape[2:])
+            geometry, out_hw = (g.stride, g.padding, g.dilation), g.output_hw(*shape[2:])
         else:
             _validate.pointwise_weight(op, like, weight)
-            geometry, out_hw = (), tuple(like.shape[2:])
+            geometry, out_hw = (), shape[2:]
+        out_channels = weight.shape[0]
         act = _validate.bn_act_args(
             op,
             like,
-            weight.shape[0],
+            out_channels,
             *bn,
             stage.training,
             stage.momentum,
@@ -258,14 +263,12 @@ def bn_act_chain(
             stage.num_batches_tracked,
         )
         _validate.batch_values_per_channel(
-            op, like.shape[0] * out_hw[0] * out_hw[1], like.shape, stage.training
+            op, shape[0] * out_hw[0] * out_hw[1], shape, stage.training
         )
         plan.append((stage.depthwise, geometry, act))
         tensors += [weight, stage.bn_weight, stage.bn_bias, *bn[:2], stage.num_batches_tracked]
         # The next stage is checked against this one's output, without computing it.
-        like = _validate.TensorSpec(
-            (like.shape[0], weight.shape[0], *out_hw), input.dtype, input.device
-        )
+        like = _validate.TensorSpec((shape[0], out_channels, *out_hw), dtype, device)
     training = any(stage.training for stage in stages)
     chosen = select_backend(backend, input.device, fused_eval=not training)
     if chosen == "torch" or input.numel() == 0:
@@ -294,29 +297,29 @@ def bn_act_chain(
             )
         return x
     ops = _ops.OPS[chosen]
+    if not torch.is_grad_enabled():
+        return _bn_act_chain_no_grad(ops, input, tensors, stages, plan, training)
     chain = tuple(
         _ops.ChainStage(
-            _ops.BnActCall(
-                ops.depthwise_bn_act_fwd if depthwise else ops.pointwise_bn_act_fwd,
-                ops.depthwise_bn_act_bwd if depthwise else ops.pointwise_bn_act_bwd,
-                geometry,
-                stage.training,
-                stage.momentum,
-                float(stage.eps),
-                act,
-            ),
+            _stage_call(ops, stage, *planned),
             # A stage's input is kept when the previous stage is a 1x1 one (default) or never.
             index > 0 and recompute == "depthwise" and not plan[index - 1][0],
         )
-        for index, (stage, (depthwise, geometry, act)) in enumerate(zip(stages, plan))
+        for index, (stage, planned) in enumerate(zip(stages, plan))
     )
-    if not torch.is_grad_enabled():
-        depthwise = [depthwise for depthwise, _, _ in plan]
-        return _bn_act_chain_no_grad(ops, input, tensors, chain, depthwise, training)
     return _ops.BnActChain.apply(chain, input, *tensors)
 
 
-def _bn_act_chain_no_grad(ops, input, tensors, chain, depthwise, training) -> Tensor:
+def _stage_call(ops, stage: BnActStage, depthwise: bool, geometry: tuple, act: str):
+    """The BnActCall of a checked chain stage."""
+    if depthwise:
+        fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
+    else:
+        fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
+    return _ops.BnActCall(fwd, bwd, geometry, stage.training, stage.momentum, float(stage.eps), act)
+
+
+def _bn_act_chain_no_grad(ops, input, tensors, stages, plan, training) -> Tensor:
     """bn_act_chain with nothing to record: a depthwise then a 1x1 stage in eval as the
     backend's one-pass block op where it has one for this device, else the ops one after
     another."""
@@ -325,33 +328,33 @@ def _bn_act_chain_no_grad(ops, input, tensors, chain, depthwise, training) -> Te
     if (
         block is not None
         and not training
-        and depthwise == [True, False]
+        and len(plan) == 2
+        and plan[0][0]
+        and not plan[1][0]
         and _ops.has_kernel(block, input.device)
     ):
-        dw, pw = chain[0].call, chain[1].call
         dw_w, dw_bn_w, dw_bn_b, dw_rm, dw_rv, _ = tensors[:per_stage]
         pw_w, pw_bn_w, pw_bn_b, pw_rm, pw_rv, _ = tensors[per_stage:]
         return block(
             input,
             dw_w,
-            *dw.geometry,
+            *plan[0][1],
             dw_bn_w,
             dw_bn_b,
             dw_rm,
             dw_rv,
-            dw.eps,
-            dw.activation,
+            float(stages[0].eps),
+            plan[0][2],
             pw_w,
             pw_bn_w,
             pw_bn_b,
             pw_rm,
             pw_rv,
-            pw.eps,
-            pw.activation,
+            float(stages[1].eps),
+            plan[1][2],
         )
     x = input
-    for index, stage in enumerate(chain):
-        x, _ = _ops.bn_act_forward(
-            stage.call, x, *tensors[index * per_stage : (index + 1) * per_stage]
-        )
+    for index, (stage, planned) in enumerate(zip(stages, plan)):
+        stage_tensors = tensors[index * per_stage : (index + 1) * per_stage]
+        x, _ = _ops.bn_act_forward(_stage_call(ops, stage, *planned), x, *stage_tensors)
     return x

@@ -134,17 +134,20 @@ def batch_norm_arguments(bn: nn.Module) -> dict:
     are updated only when training with track_running_stats, and only then is
     num_batches_tracked counted (momentum=None, a cumulative average, divides by it)."""
     training, track = bn.training, bn.track_running_stats
-    running_mean, running_var = bn.running_mean, bn.running_var
+    # Straight from the module's dicts, as nn.Module.__getattr__ finds them (bn is of an exact
+    # BatchNorm type, fusable_norm): each __getattr__ costs a call on every layer's forward.
+    buffers, parameters = bn._buffers, bn._parameters
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
     keep_running = not training or track
     return dict(
         running_mean=running_mean if keep_running else None,
         running_var=running_var if keep_running else None,
-        bn_weight=bn.weight,
-        bn_bias=bn.bias,
+        bn_weight=parameters.get("weight"),
+        bn_bias=parameters.get("bias"),
         training=training or (running_mean is None and running_var is None),
         momentum=bn.momentum,
         eps=bn.eps,
-        num_batches_tracked=bn.num_batches_tracked if training and track else None,
+        num_batches_tracked=buffers.get("num_batches_tracked") if training and track else None,
     )
 
 

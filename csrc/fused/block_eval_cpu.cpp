@@ -1,7 +1,8 @@
 // CPU kernel of depsep::depthwise_pointwise_eval: the depthwise-separable block in eval as one
 // pass over tiles of output rows. Each task computes a tile of the depthwise output (BN folded
 // into the weight and bias, then the activation) into a buffer that stays in cache, and the
-// tile's 1x1 product (BN folded likewise) straight into the block output. Memory traffic: one
+// tile's 1x1 product (BN folded likewise; the BLAS GEMM of cpu_gemm.h) straight into the block
+// output. Memory traffic: one
 // read of the input (and of each tile's halo rows), one write of the output; the depthwise
 // output never goes to memory, where the separate ops write it and read it back.
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include "common/cpu_launcher.h"
 #include "depthwise/depthwise_cpu.h"
 #include "fused/bn_passes.h"
+#include "fused/cpu_gemm.h"
 
 namespace depsep {
 namespace {
@@ -28,12 +30,10 @@ constexpr int64_t kTilePixels = 256;
 
 // BN in eval as the per-channel scale and shift of a convolution's output, as the separate
 // fused ops compute them (bn_reduce), in the accumulation type.
-std::pair<at::Tensor, at::Tensor> eval_scale_shift(int64_t C, const at::Tensor& like,
-                                                   const std::optional<at::Tensor>& bn_weight,
-                                                   const std::optional<at::Tensor>& bn_bias,
-                                                   const at::Tensor& running_mean,
-                                                   const at::Tensor& running_var, double eps,
-                                                   const char* const names[4]) {
+BnVectors eval_scale_shift(int64_t C, const at::Tensor& like,
+                           const std::optional<at::Tensor>& bn_weight,
+                           const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, double eps, const char* const names[4]) {
   const at::Tensor rm = bn_channel_vector(running_mean, names[0], C, like);
   const at::Tensor rv = bn_channel_vector(running_var, names[1], C, like);
   TORCH_CHECK(rm.defined() && rv.defined(), "depsep: ", names[0], " and ", names[1],
@@ -41,7 +41,34 @@ std::pair<at::Tensor, at::Tensor> eval_scale_shift(int64_t C, const at::Tensor& 
   BnVectors bn(C, like);
   bn_reduce<CpuLauncher>(bn, at::Tensor(), rm, rv, bn_channel_vector(bn_weight, names[2], C, like),
                          bn_channel_vector(bn_bias, names[3], C, like), eps);
-  return {bn.affine[0], bn.affine[1]};
+  return bn;
+}
+
+// The depthwise weight [C, 1, kH, kW] with BN's scale folded in, tap-major [kH*kW][C] as the
+// CPU loops read it; and the 1x1 weight [C_out, C] with its BN's scale folded into each row.
+// Plain loops: the ATen ops that would do it cost the host more than these few values.
+template <typename T>
+at::Tensor folded_taps(const at::Tensor& dw_weight, const T* scale) {
+  const int64_t C = dw_weight.size(0), taps = dw_weight.size(2) * dw_weight.size(3);
+  const at::Tensor w = dw_weight.contiguous();
+  at::Tensor out = at::empty({taps, C}, w.options());
+  const T* src = w.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < taps; ++t) dst[t * C + c] = src[c * taps + t] * scale[c];
+  return out;
+}
+
+template <typename T>
+at::Tensor folded_rows(const at::Tensor& pw_weight, const T* scale) {
+  const int64_t C_out = pw_weight.size(0), C = pw_weight.size(1);
+  const at::Tensor w = pw_weight.contiguous();
+  at::Tensor out = at::empty({C_out, C}, w.options());
+  const T* src = w.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  for (int64_t o = 0; o < C_out; ++o)
+    for (int64_t c = 0; c < C; ++c) dst[o * C + c] = src[o * C + c] * scale[o];
+  return out;
 }
 
 template <typename T>
@@ -66,7 +93,7 @@ struct BlockPass {
   const T* taps;
   const T* dw_bias;
   int32_t dw_act;
-  const at::Tensor& pw_matrix;
+  const at::Tensor& pw_rows;  // [C_out, C]: the folded 1x1 weight
   const T* pw_bias;
   int32_t pw_act;
   T* out;
@@ -87,29 +114,29 @@ struct BlockPass {
   }
 
   void pointwise(int64_t first, int64_t count, T* dw_rows) const {
-    const int64_t C_out = pw_matrix.size(1), pixels = count * g.OW;
-    at::Tensor y = at::from_blob(out + first * g.OW * C_out, {pixels, C_out}, options);
-    at::mm_out(y, at::from_blob(dw_rows, {pixels, g.C}, options), pw_matrix);
-    activate<T>(y.mutable_data_ptr<T>(), pixels * C_out, pw_bias, C_out, pw_act);
+    const int64_t C_out = pw_rows.size(0), pixels = count * g.OW;
+    T* y = out + first * g.OW * C_out;
+    rows_times_weight<T>(dw_rows, pw_rows.const_data_ptr<T>(), y, pixels, g.C, C_out, options);
+    activate<T>(y, pixels * C_out, pw_bias, C_out, pw_act);
   }
 };
 
 template <typename T>
 void block_pass(const DwGeometry& g, const at::Tensor& input, const at::Tensor& dw_taps,
-                const at::Tensor& dw_shift, int32_t dw_act, const at::Tensor& pw_matrix,
-                const at::Tensor& pw_shift, int32_t pw_act, at::Tensor& output) {
+                const T* dw_shift, int32_t dw_act, const at::Tensor& pw_rows, const T* pw_shift,
+                int32_t pw_act, at::Tensor& output) {
   const BlockPass<T> pass{g,
                           input.const_data_ptr<T>(),
                           dw_taps.const_data_ptr<T>(),
-                          dw_shift.const_data_ptr<T>(),
+                          dw_shift,
                           dw_act,
-                          pw_matrix,
-                          pw_shift.const_data_ptr<T>(),
+                          pw_rows,
+                          pw_shift,
                           pw_act,
                           output.mutable_data_ptr<T>(),
                           input.options().memory_format(at::MemoryFormat::Contiguous)};
   const int64_t rows = g.N * g.OH;
-  if (rows * pass.row() < kTiledMinRatio * pw_matrix.numel()) {
+  if (rows * pass.row() < kTiledMinRatio * pw_rows.numel()) {
     at::Tensor dw_out = at::empty({rows * pass.row()}, pass.options);
     T* dw = dw_out.mutable_data_ptr<T>();
     cpu_parallel(rows, g, [&](int64_t begin, int64_t end, void* scratch) {
@@ -165,19 +192,19 @@ at::Tensor depthwise_pointwise_eval_cpu(
                                           "dw_bn_bias"};
   static const char* const pw_names[4] = {"pw_running_mean", "pw_running_var", "pw_bn_weight",
                                           "pw_bn_bias"};
-  const auto [dw_scale, dw_shift] = eval_scale_shift(
-      g.C, input, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_eps, dw_names);
-  const auto [pw_scale, pw_shift] = eval_scale_shift(
-      C_out, input, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, pw_eps, pw_names);
-  const at::Tensor dw_taps = dw_tap_major(dw_weight * dw_scale.view({-1, 1, 1, 1}));
-  // [C, C_out]: the tile's [pixels, C] times it gives the block output's channels_last rows.
-  const at::Tensor pw_matrix = (pw_weight.view({C_out, g.C}) * pw_scale.view({-1, 1})).t();
+  const BnVectors dw_bn = eval_scale_shift(g.C, input, dw_bn_weight, dw_bn_bias, dw_running_mean,
+                                           dw_running_var, dw_eps, dw_names);
+  const BnVectors pw_bn = eval_scale_shift(C_out, input, pw_bn_weight, pw_bn_bias, pw_running_mean,
+                                           pw_running_var, pw_eps, pw_names);
   at::Tensor output = at::empty({g.N, C_out, g.OH, g.OW},
                                 input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (output.numel() > 0)
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_pointwise_eval_cpu", [&] {
-      block_pass<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast), dw_taps, dw_shift,
-                           dw_act, pw_matrix, pw_shift, pw_act, output);
+      block_pass<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast),
+                           folded_taps<scalar_t>(dw_weight, dw_bn.scale<scalar_t>()),
+                           dw_bn.shift<scalar_t>(), dw_act,
+                           folded_rows<scalar_t>(pw_weight, pw_bn.scale<scalar_t>()),
+                           pw_bn.shift<scalar_t>(), pw_act, output);
     });
   return output.contiguous(format);
 }

@@ -42,6 +42,27 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
     dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &zero, c, &ildc);
 }
 
+template <typename T>
+bool has_blas() {
+  return std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+// out rows [rows, n] = a rows [rows, k] * w^T, with w [n, k] row-major (a 1x1 weight): the
+// BLAS GEMM where there is one (within its int sizes), else ATen's mm on the same memory.
+template <typename T>
+void rows_times_weight(const T* a, const T* w, T* out, int64_t rows, int64_t k, int64_t n,
+                       const at::TensorOptions& options) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (has_blas<T>() && rows <= kMax && k <= kMax && n <= kMax) {
+    // Column-major out^T [n, rows] = w^T' [n, k] * a^T [k, rows].
+    blas_gemm<T>(true, false, n, rows, k, w, k, a, k, out, n);
+    return;
+  }
+  at::Tensor y = at::from_blob(out, {rows, n}, options);
+  at::mm_out(y, at::from_blob(const_cast<T*>(a), {rows, k}, options),
+             at::from_blob(const_cast<T*>(w), {n, k}, options).t());
+}
+
 struct PointwiseCpuConv : PointwiseConv {
   // Whether the direct GEMMs take these tensors: channels_last rows of float or float64, a
   // contiguous weight, dimensions within BLAS's int (as ATen's own check).
@@ -60,10 +81,9 @@ struct PointwiseCpuConv : PointwiseConv {
     const int64_t C_in = input.size(1), C_out = weight.size(0);
     at::Tensor y = output_like(input, C_out);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pw_cpu_fwd", [&] {
-      // y rows [P, C_out] = x rows [P, C_in] * w^T: column-major y^T = w^T' * x^T.
-      blas_gemm<scalar_t>(true, false, C_out, P, C_in, weight.const_data_ptr<scalar_t>(), C_in,
-                          input.const_data_ptr<scalar_t>(), C_in, y.mutable_data_ptr<scalar_t>(),
-                          C_out);
+      rows_times_weight<scalar_t>(input.const_data_ptr<scalar_t>(),
+                                  weight.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  P, C_in, C_out, input.options());
     });
     return y;
   }
