@@ -14,6 +14,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 _CONV_NAMES = ("input", "weight", "bias")
+_INPUT_WEIGHT = _CONV_NAMES[:2]
 _BN_NAMES = ("running_mean", "running_var", "bn_weight", "bn_bias")
 
 
@@ -250,9 +251,10 @@ def bn_act_args(
     return activation
 
 
-def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> None:
-    """Checks a 1x1 convolution's input and weight [C_out, C_in, 1, 1]."""
-    check_tensors(op, _CONV_NAMES[:2], (input, weight))
+def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> tuple[int, ...]:
+    """Checks a 1x1 convolution's input and weight [C_out, C_in, 1, 1]; returns the input's
+    shape."""
+    check_tensors(op, _INPUT_WEIGHT, (input, weight))
     check_rank(op, "input", input, 4, "[N, C, H, W]")
     check_rank(op, "weight", weight, 4, "[C_out, C_in, 1, 1]")
     shape, input_shape = tuple(weight.shape), tuple(input.shape)
@@ -265,6 +267,7 @@ def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> None:
         )
     if shape[0] == 0 or input_shape[1] == 0:
         raise ValueError(f"{op}: empty channels: input {input_shape}, weight {shape}")
+    return input_shape
 
 
 def batch_values_per_channel(op: str, values: int, input_shape, training: bool) -> None:

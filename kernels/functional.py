@@ -58,7 +58,8 @@ def _bn_act(
     input: Tensor,
     weight: Tensor,
     geometry: tuple,
-    values_per_channel: int,
+    input_shape: tuple,
+    output_hw: tuple,
     bn: tuple,
     num_batches_tracked: Tensor | None,
     training: bool,
@@ -68,15 +69,17 @@ def _bn_act(
     backend,
     reference_conv,
 ) -> Tensor:
-    """The shared body of pointwise_bn_act and depthwise_bn_act, past their conv checks; bn is
+    """The shared body of pointwise_bn_act and depthwise_bn_act, past their conv checks (which
+    gave the input's shape and the convolution's output height and width); bn is
     (running_mean, running_var, bn_weight, bn_bias)."""
     running_mean, running_var, bn_weight, bn_bias = bn
     act = _validate.bn_act_args(
         op, input, weight.shape[0], *bn, training, momentum, eps, activation, num_batches_tracked
     )
-    _validate.batch_values_per_channel(op, values_per_channel, input.shape, training)
+    values = input_shape[0] * output_hw[0] * output_hw[1]
+    _validate.batch_values_per_channel(op, values, input_shape, training)
     chosen = select_backend(backend, input.device, fused_eval=not training)
-    if chosen == "torch" or input.numel() == 0:
+    if chosen == "torch" or 0 in input_shape:
         # The reference; also for empty input, where F.batch_norm defines what happens.
         return reference.bn_act(
             reference_conv(input, weight),
@@ -130,13 +133,14 @@ def pointwise_bn_act(
     """
     op = "pointwise_bn_act"
     input, weight = _autocast(input, weight)
-    _validate.pointwise_weight(op, input, weight)
+    shape = _validate.pointwise_weight(op, input, weight)
     return _bn_act(
         op,
         input,
         weight,
         (),
-        input.shape[0] * input.shape[2] * input.shape[3],
+        shape,
+        shape[2:],
         (running_mean, running_var, bn_weight, bn_bias),
         num_batches_tracked,
         training,
@@ -172,13 +176,14 @@ def depthwise_bn_act(
     op = "depthwise_bn_act"
     input, weight = _autocast(input, weight)
     g = _validate.depthwise_args(op, input, weight, None, stride, padding, dilation)
-    oh, ow = g.output_hw(input.shape[2], input.shape[3])
+    shape = tuple(input.shape)
     return _bn_act(
         op,
         input,
         weight,
         (g.stride, g.padding, g.dilation),
-        input.shape[0] * oh * ow,
+        shape,
+        g.output_hw(shape[2], shape[3]),
         (running_mean, running_var, bn_weight, bn_bias),
         num_batches_tracked,
         training,
