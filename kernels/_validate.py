@@ -139,38 +139,38 @@ def _cached_geometry(op: str, kernel: tuple[int, int], stride, padding, dilation
     return geometry
 
 
-def depthwise_args(
-    op: str, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation
-) -> ConvGeometry:
-    """Checks a depthwise convolution's arguments (input [N, C, H, W], weight [C, 1, kH, kW],
-    bias [C] or None, F.conv2d's stride, padding and dilation); returns its geometry."""
-    check_tensors(op, _CONV_NAMES, (input, weight, bias))
+def _depthwise_weight(
+    op: str, input: Tensor, weight: Tensor, bias: Tensor | None, names: tuple[str, str, str]
+) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """Checks a depthwise convolution's input [N, C, H, W], weight [C, 1, kH, kW] and bias [C] or
+    None (called `names`); returns the kernel size and the input's shape."""
+    check_tensors(op, names, (input, weight, bias))
+    name = names[1]
     check_rank(op, "input", input, 4, "[N, C, H, W]")
-    check_rank(op, "weight", weight, 4, "[C, 1, kH, kW]")
+    check_rank(op, name, weight, 4, "[C, 1, kH, kW]")
     shape, input_shape = tuple(weight.shape), tuple(input.shape)
     channels = input_shape[1]
     if shape[1] != 1:
         raise ValueError(
-            f"{op}: weight must be [C, 1, kH, kW] (one filter per channel), got {shape}"
+            f"{op}: {name} must be [C, 1, kH, kW] (one filter per channel), got {shape}"
         )
     if shape[0] != channels:
         raise ValueError(
-            f"{op}: weight has {shape[0]} filters but input has {channels} channels; "
-            "a depthwise weight is [C, 1, kH, kW] with C = input.shape[1]"
+            f"{op}: {name} has {shape[0]} filters but input has {channels} channels; "
+            f"a depthwise {name} is [C, 1, kH, kW] with C = input.shape[1]"
         )
     if channels == 0:
         raise ValueError(f"{op}: input has 0 channels")
     if shape[2] == 0 or shape[3] == 0:
-        raise ValueError(f"{op}: weight has an empty kernel {shape[2:]}")
+        raise ValueError(f"{op}: {name} has an empty kernel {shape[2:]}")
     if bias is not None and tuple(bias.shape) != (channels,):
         raise ValueError(f"{op}: bias must have shape ({channels},), got {tuple(bias.shape)}")
-    kernel = shape[2:]
-    geometry = (
-        _geometry(op, kernel, stride, padding, dilation)
-        if torch.compiler.is_compiling()
-        else _cached_geometry(op, kernel, stride, padding, dilation)
-    )
-    pad, dilation = geometry.padding, geometry.dilation
+    return shape[2:], input_shape
+
+
+def _check_kernel_fits(op: str, input_shape: tuple[int, ...], geometry: ConvGeometry) -> None:
+    """The dilated kernel spans no more than the padded input along each axis."""
+    kernel, pad, dilation = geometry.kernel_size, geometry.padding, geometry.dilation
     for dim, size, before, after, k, d in (
         ("height", input_shape[2], pad[0], pad[1], kernel[0], dilation[0]),
         ("width", input_shape[3], pad[2], pad[3], kernel[1], dilation[1]),
@@ -180,10 +180,28 @@ def depthwise_args(
                 f"{op}: kernel {kernel} with dilation {dilation} spans {d * (k - 1) + 1} pixels "
                 f"but the padded input {dim} is {size + before + after}"
             )
+
+
+def depthwise_args(
+    op: str, input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation
+) -> ConvGeometry:
+    """Checks a depthwise convolution's arguments (input [N, C, H, W], weight [C, 1, kH, kW],
+    bias [C] or None, F.conv2d's stride, padding and dilation); returns its geometry."""
+    kernel, input_shape = _depthwise_weight(op, input, weight, bias, _CONV_NAMES)
+    geometry = (
+        _geometry(op, kernel, stride, padding, dilation)
+        if torch.compiler.is_compiling()
+        else _cached_geometry(op, kernel, stride, padding, dilation)
+    )
+    _check_kernel_fits(op, input_shape, geometry)
     return geometry
 
 
 _PUBLIC_ACTIVATIONS = frozenset(name for name in ACTIVATION_CODES if name != "none")
+
+
+def _prefix(bn_names: tuple[str, ...]) -> str:
+    return bn_names[0].removesuffix(_BN_NAMES[0])
 
 
 def bn_act_args(
@@ -199,34 +217,37 @@ def bn_act_args(
     eps: float,
     activation: str | None,
     num_batches_tracked: Tensor | None,
+    names: tuple[str, str, str, str] = _BN_NAMES,
 ) -> str:
     """Checks the BatchNorm and activation arguments of a fused op (the convolution's own are
-    checked apart); returns the activation's name as the ops take it."""
+    checked apart); returns the activation's name as the ops take it. `names` name the BN
+    tensors in the errors; an op with two BNs gives each a prefix ("dw_running_mean", ...),
+    which the errors put before eps and activation too."""
     # BN parameters and statistics share one dtype, which may differ from the input's (float32
     # statistics under autocast, as nn.BatchNorm2d keeps them).
     bn = (running_mean, running_var, bn_weight, bn_bias)
-    check_tensors(op, _BN_NAMES, bn)
+    check_tensors(op, names, bn)
     # check_tensors saw one device for all of them: the first one given stands for the rest.
-    for name, t in zip(_BN_NAMES, bn):
+    for name, t in zip(names, bn):
         if t is not None:
             if t.device != input.device:
                 raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
             break
     expected = (out_channels,)
-    for name, t in zip(_BN_NAMES, bn):
+    for name, t in zip(names, bn):
         if t is not None and t.shape != expected:
             raise ValueError(
                 f"{op}: {name} must have shape ({out_channels},) (one value per output channel), "
                 f"got {tuple(t.shape)}"
             )
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: running_mean and running_var must be both given or both None")
+        raise ValueError(f"{op}: {names[0]} and {names[1]} must be both given or both None")
     if type(training) is not bool:
         raise TypeError(f"{op}: training must be a bool, got {training!r}")
     if not training and running_mean is None:
-        raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+        raise ValueError(f"{op}: {names[0]} and {names[1]} are required when training=False")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+        raise ValueError(f"{op}: {_prefix(names)}eps must be a positive float, got {eps!r}")
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:
             raise ValueError(
@@ -247,26 +268,31 @@ def bn_act_args(
         return activation_op_name(None)
     if type(activation) is not str or activation not in _PUBLIC_ACTIVATIONS:
         choices = ", ".join(repr(name) for name in ACTIVATION_CODES if name != "none")
-        raise ValueError(f"{op}: activation must be one of {choices} or None, got {activation!r}")
+        raise ValueError(
+            f"{op}: {_prefix(names)}activation must be one of {choices} or None, got {activation!r}"
+        )
     return activation
 
 
-def pointwise_weight(op: str, input: Tensor, weight: Tensor) -> tuple[int, ...]:
-    """Checks a 1x1 convolution's input and weight [C_out, C_in, 1, 1]; returns the input's
-    shape."""
-    check_tensors(op, _INPUT_WEIGHT, (input, weight))
+def pointwise_weight(
+    op: str, input: Tensor, weight: Tensor, names: tuple[str, str] = _INPUT_WEIGHT
+) -> tuple[int, ...]:
+    """Checks a 1x1 convolution's input and weight [C_out, C_in, 1, 1] (called `names`); returns
+    the input's shape."""
+    check_tensors(op, names, (input, weight))
+    name = names[1]
     check_rank(op, "input", input, 4, "[N, C, H, W]")
-    check_rank(op, "weight", weight, 4, "[C_out, C_in, 1, 1]")
+    check_rank(op, name, weight, 4, "[C_out, C_in, 1, 1]")
     shape, input_shape = tuple(weight.shape), tuple(input.shape)
     if shape[2:] != (1, 1):
-        raise ValueError(f"{op}: weight must be a 1x1 kernel [C_out, C_in, 1, 1], got {shape}")
+        raise ValueError(f"{op}: {name} must be a 1x1 kernel [C_out, C_in, 1, 1], got {shape}")
     if shape[1] != input_shape[1]:
         raise ValueError(
-            f"{op}: weight has {shape[1]} input channels but input has "
-            f"{input_shape[1]}; weight is [C_out, C_in, 1, 1] with C_in = input.shape[1]"
+            f"{op}: {name} has {shape[1]} input channels but input has "
+            f"{input_shape[1]}; {name} is [C_out, C_in, 1, 1] with C_in = input.shape[1]"
         )
     if shape[0] == 0 or input_shape[1] == 0:
-        raise ValueError(f"{op}: empty channels: input {input_shape}, weight {shape}")
+        raise ValueError(f"{op}: empty channels: input {input_shape}, {name} {shape}")
     return input_shape
 
 
@@ -277,3 +303,56 @@ def batch_values_per_channel(op: str, values: int, input_shape, training: bool) 
             f"{op}: Expected more than 1 value per channel when training, got input size "
             f"{torch.Size(input_shape)}"
         )
+
+
+def _int_list(op: str, name: str, value, length: int, minimum: int) -> tuple[int, ...]:
+    """A registered op's normalised int list argument: `length` ints, each at least `minimum`."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(values) != length or not all(type(v) is int for v in values):
+        raise TypeError(f"{op}: {name} must be a list of {length} ints, got {value!r}")
+    if any(v < minimum for v in values):
+        bound = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{op}: {name} must be {bound}, got {value!r}")
+    return values
+
+
+_DW_BN_NAMES = tuple("dw_" + name for name in _BN_NAMES)
+_PW_BN_NAMES = tuple("pw_" + name for name in _BN_NAMES)
+
+
+def depthwise_pointwise_eval_args(
+    op: str,
+    input: Tensor,
+    dw_weight: Tensor,
+    stride,
+    padding,
+    dilation,
+    dw_bn: tuple,
+    dw_eps: float,
+    dw_activation: str,
+    pw_weight: Tensor,
+    pw_bn: tuple,
+    pw_eps: float,
+    pw_activation: str,
+) -> ConvGeometry:
+    """Checks a direct call of the registered op depthwise_pointwise_eval, whose arguments come
+    as kernels/_ops.py defines them: geometry normalised (stride and dilation [h, w], padding
+    [top, bottom, left, right]), activations as the ops name them ("none" included), each BN as
+    (running_mean, running_var, bn_weight, bn_bias) with the running statistics required.
+    Returns the depthwise geometry; the errors name the op's arguments."""
+    kernel, input_shape = _depthwise_weight(op, input, dw_weight, None, ("input", "dw_weight", ""))
+    geometry = ConvGeometry(
+        _int_list(op, "stride", stride, 2, 1),
+        _int_list(op, "padding", padding, 4, 0),
+        _int_list(op, "dilation", dilation, 2, 1),
+        kernel,
+    )
+    _check_kernel_fits(op, input_shape, geometry)
+    pointwise_weight(op, input, pw_weight, ("input", "pw_weight"))
+    for names, channels, bn, eps, activation in (
+        (_DW_BN_NAMES, input_shape[1], dw_bn, dw_eps, dw_activation),
+        (_PW_BN_NAMES, pw_weight.shape[0], pw_bn, pw_eps, pw_activation),
+    ):
+        public = None if activation == activation_op_name(None) else activation
+        bn_act_args(op, input, channels, *bn, False, None, eps, public, None, names)
+    return geometry

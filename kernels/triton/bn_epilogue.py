@@ -37,6 +37,16 @@ _SCALE, _SHIFT, _INVSTD, _MEAN, _MEAN_GZ, _MEAN_GZ_XHAT = map(tl.constexpr, rang
 
 
 @triton.jit
+def bn_act(y, chan, chan_mask, C, coef_ptr, ACT: tl.constexpr):
+    """act(y * scale + shift) in registers, scale and shift per channel `chan` from rows
+    _SCALE and _SHIFT of coef [rows, C] (zero where not chan_mask): the APPLY epilogue without
+    its store, also for a kernel that computes on with the result (block_eval.py)."""
+    scale = tl.load(coef_ptr + _SCALE * C + chan, mask=chan_mask, other=0.0)
+    shift = tl.load(coef_ptr + _SHIFT * C + chan, mask=chan_mask, other=0.0)
+    return activation(y * scale + shift, ACT)
+
+
+@triton.jit
 def bn_act_epilogue(
     y,  # [R, K] or [R] conv outputs, float32 (float64)
     row_mask,  # broadcastable to y: which rows (pixels) exist
@@ -58,9 +68,7 @@ def bn_act_epilogue(
     if EPILOGUE == STORE:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == APPLY:
-        scale = tl.load(coef_ptr + _SCALE * C + chan, mask=chan_mask, other=0.0)
-        shift = tl.load(coef_ptr + _SHIFT * C + chan, mask=chan_mask, other=0.0)
-        out = activation(y * scale + shift, ACT)
+        out = bn_act(y, chan, chan_mask, C, coef_ptr, ACT)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == STATS:
         # This block's mean and M2 (Chan's merge combines the blocks on the host).

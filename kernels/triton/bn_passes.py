@@ -110,7 +110,7 @@ class FusedConv:
         return tuple(self.x if t is None else t for t in (out, go, coef, partial))
 
 
-def _scale_shift(mean, var, bn_weight, bn_bias, eps):
+def scale_shift(mean, var, bn_weight, bn_bias, eps):
     """(invstd, scale, shift) of BN in the statistics' dtype: z = y * scale + shift."""
     invstd = torch.rsqrt(var + eps)
     scale = invstd if bn_weight is None else bn_weight.to(mean.dtype) * invstd
@@ -176,7 +176,7 @@ def bn_act_fwd(
         )
     else:
         stats = torch.stack([running_mean.to(acc_dtype), running_var.to(acc_dtype)])
-    _, scale, shift = _scale_shift(stats[0], stats[1], bn_weight, bn_bias, eps)
+    _, scale, shift = scale_shift(stats[0], stats[1], bn_weight, bn_bias, eps)
     coef = torch.stack([scale, shift])
     if store:
         elementwise(conv.channels_last, APPLY.value, out, coef, act)
@@ -194,7 +194,7 @@ def bn_act_bwd(
     need_conv = need_input or need_weight
     acc_dtype = stats_dtype(grad_output.dtype)
     mean, var = stats.to(acc_dtype)
-    invstd, scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+    invstd, scale, shift = scale_shift(mean, var, bn_weight, bn_bias, eps)
     coef = [scale, shift, invstd, mean]
     sums = g_y = None
     store = need_conv and conv.store_output()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import ACTIVATION_CODES
+from .._common import ACTIVATION_CODES, conv_allows_tf32
 
 # Under the interpreter every program instance costs ~25 ms: one fixed config, no benchmarking.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -96,6 +96,32 @@ def split_pixel(p, OH, OW):
     r = p - n * (OH * OW)
     oh = r // OW
     return n, oh, r - oh * OW
+
+
+def dot_is_ieee(dtype: torch.dtype) -> bool:
+    """The IEEE constexpr of `dot` for operands of `dtype`: float64 always; float32 unless TF32
+    is allowed for convolutions (as cuDNN decides, kernels._common.conv_allows_tf32; never
+    under the interpreter); float16/bfloat16 multiply exactly on the tensor cores anyway."""
+    return dtype == torch.float64 or (
+        dtype == torch.float32 and (INTERPRET or not conv_allows_tf32())
+    )
+
+
+# The interpreter's tl.dot multiplies bfloat16 operands as raw integers: widen them there.
+_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b by tl.dot, in IEEE precision where IEEE (see dot_is_ieee), else tl.dot's
+    default (TF32 for float32 operands)."""
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit

@@ -29,6 +29,56 @@ _BN_KEY = _GEOMETRY_KEY + ["EPILOGUE", "STORE_Y", "ACT", "BLOCK_P"]
 
 
 @triton.jit
+def tap_gather(
+    acc,
+    src_ptr,
+    w_ptr,
+    oh,
+    ow,
+    row_mask,
+    row_base,
+    row_len,
+    s_w,
+    chan_offs,
+    w_offs,
+    chan_mask,
+    SH,
+    SW,
+    PAD_H,
+    PAD_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """acc + the sum over the KH x KW taps of src * w: the one tap loop of the depthwise kernels
+    (this file's and block_eval.py's). The source is seen as rows of `row_len` pixels, `s_w`
+    elements apart: the tap (ih, iw) of output pixel (oh, ow) (tap_source; zero outside the
+    SH x SW source) reads src_ptr[((row_base + ih) * row_len + iw) * s_w + chan_offs] and
+    multiplies it by w_ptr[w_offs + tap] (w [C, KH * KW]). The pixel arguments (src_ptr, oh, ow,
+    row_mask, row_base) and the channel ones (chan_offs, w_offs, chan_mask) come shaped to
+    broadcast into acc: [P, 1] and [1, K] for a tile of pixels x channels, [P] and scalars for
+    one channel's plane. Accumulates in acc's dtype. (This order of the address arithmetic
+    keeps the channels_last gather within its registers: ptxas spills more with others.)"""
+    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
+        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
+        for kw in tl.static_range(KW):
+            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
+            valid = row_mask & valid_h & valid_w
+            x = tl.load(
+                src_ptr + ((row_base + ih) * row_len + iw) * s_w + chan_offs,
+                mask=valid & chan_mask,
+                other=0.0,
+            )
+            w = tl.load(w_ptr + w_offs + (kh * KW + kw), mask=chan_mask, other=0.0)
+            acc += x.to(acc.dtype) * w.to(acc.dtype)
+    return acc
+
+
+@triton.jit
 def _depthwise_gather_kernel(
     src_ptr,  # [N, C, SH, SW] contiguous in its layout: input (forward) or grad_output
     w_ptr,  # [C, KH * KW] contiguous
@@ -83,6 +133,10 @@ def _depthwise_gather_kernel(
         p_mask = p < num_pixels
         n, oh, ow = split_pixel(p, OH, OW)
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_dtype)
+        # The tap loop's pixel arguments as [BLOCK_P, 1] columns, its channel ones as rows.
+        tap_oh, tap_ow, tap_rows = oh[:, None], ow[:, None], p_mask[:, None]
+        src, src_rows, s_w = src_ptr, (n * SH)[:, None], C
+        chan_offs, w_offs, chan_mask = c[None, :], (c * (KH * KW))[None, :], c_mask[None, :]
     else:
         blocks_per_plane = tl.cdiv(OH * OW, BLOCK_P)
         plane = (pid // blocks_per_plane).to(tl.int64)
@@ -92,25 +146,36 @@ def _depthwise_gather_kernel(
         p_mask = pixel < OH * OW
         oh = pixel // OW
         ow = pixel % OW
-        src_plane = src_ptr + plane * SH * SW
         acc = tl.zeros([BLOCK_P], dtype=acc_dtype)
-    for kh in range(KH):  # not unrolled: KH*KW hoisted loads would exhaust registers
-        ih, valid_h = tap_source(oh, kh, PAD_H, SH, STRIDE_H, DIL_H, TRANSPOSED)
-        for kw in tl.static_range(KW):
-            iw, valid_w = tap_source(ow, kw, PAD_W, SW, STRIDE_W, DIL_W, TRANSPOSED)
-            valid = p_mask & valid_h & valid_w
-            w_offs = c * (KH * KW) + kh * KW + kw
-            if CHANNELS_LAST:
-                x = tl.load(
-                    src_ptr + ((n * SH + ih) * SW + iw)[:, None] * C + c[None, :],
-                    mask=valid[:, None] & c_mask[None, :],
-                    other=0.0,
-                )
-                w = tl.load(w_ptr + w_offs, mask=c_mask, other=0.0)[None, :]
-            else:
-                x = tl.load(src_plane + ih * SW + iw, mask=valid, other=0.0)
-                w = tl.load(w_ptr + w_offs)
-            acc += x.to(acc.dtype) * w.to(acc.dtype)
+        # The tap loop over one plane: pixel vectors, the channel's scalars.
+        tap_oh, tap_ow, tap_rows = oh, ow, p_mask
+        src, src_rows, s_w = src_ptr + plane * SH * SW, 0, 1
+        chan_offs, w_offs, chan_mask = 0, c * (KH * KW), True  # the plane's channel exists
+    acc = tap_gather(
+        acc,
+        src,
+        w_ptr,
+        tap_oh,
+        tap_ow,
+        tap_rows,
+        src_rows,
+        SW,
+        s_w,
+        chan_offs,
+        w_offs,
+        chan_mask,
+        SH,
+        SW,
+        PAD_H,
+        PAD_W,
+        KH,
+        KW,
+        STRIDE_H,
+        STRIDE_W,
+        DIL_H,
+        DIL_W,
+        TRANSPOSED,
+    )
     if CHANNELS_LAST:
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(acc.dtype)[None, :]

@@ -16,30 +16,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._common import ACTIVATION_CODES, conv_allows_tf32, stats_dtype
+from .._common import ACTIVATION_CODES, stats_dtype
 from .bn_epilogue import STORE, bn_act_epilogue
 from .bn_passes import FusedConv, bn_act_bwd, bn_act_fwd
-from .common import INTERPRET, configs
+from .common import INTERPRET, configs, dot, dot_is_ieee
 
 # Weight gradient: at most this many split-K chunks, and partials of about this many elements
 # ([chunks, C_out, C_in] float32), which gives ~512 programs of 64x64 tiles.
 _WGRAD_MAX_CHUNKS = 1024
 _WGRAD_PARTIAL_ELEMENTS = 2**21
-
-
-# The interpreter's tl.dot multiplies bfloat16 operands as raw integers: widen them there.
-_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if _WIDEN_BF16_DOT:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -112,7 +97,7 @@ def _pointwise_bn_act_kernel(
         k_mask = ci < CIN - k
         x = tl.load(x_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & co_mask[None, :], other=0.0)
-        acc = _dot(x, w, acc, IEEE)
+        acc = dot(x, w, acc, IEEE)
         x_ptrs += tl.cast(sx_c, tl.int64) * BLOCK_K
         w_ptrs += sw_in * BLOCK_K
     so_p, so_c = _image_strides(P, COUT, CHANNELS_LAST)
@@ -193,18 +178,11 @@ def _pointwise_wgrad_partial_kernel(
             mask=p_mask[:, None] & ci_mask[None, :],
             other=0.0,
         )
-        acc = _dot(g, x, acc, IEEE)
+        acc = dot(g, x, acc, IEEE)
     tl.store(
         partial_ptr + (chunk.to(tl.int64) * COUT + co[:, None]) * CIN + ci[None, :],
         acc,
         mask=co_mask[:, None] & ci_mask[None, :],
-    )
-
-
-def _ieee(dtype: torch.dtype) -> bool:
-    """IEEE float32 products unless TF32 is allowed for convolutions (as cuDNN's default)."""
-    return dtype == torch.float64 or (
-        dtype == torch.float32 and (INTERPRET or not conv_allows_tf32())
     )
 
 
@@ -222,7 +200,7 @@ class _PointwiseConv(FusedConv):
             self.block = 32
         else:
             self.block = 64 if self.pixels <= 64 else 128
-        self.ieee = _ieee(self.x.dtype)
+        self.ieee = dot_is_ieee(self.x.dtype)
 
     def conv_flops(self) -> int:
         return 2 * self.num_img * self.pixels * self.cin * self.cout
