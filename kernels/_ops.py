@@ -629,6 +629,12 @@ class ChainStage(NamedTuple):
     keep_input: bool
 
 
+# BnActChain.apply's arguments before the stages' tensors: the stages, the input's recomputation
+# (None: keep the input), the input.
+_CHAIN_INPUT = 2
+_CHAIN_FIRST_TENSOR = 3
+
+
 # The tensors of a stage, in the order BnActChain takes them.
 CHAIN_STAGE_TENSORS = (
     "weight",
@@ -648,13 +654,15 @@ class BnActChain(torch.autograd.Function):
     the stages marked keep_input. The backward recomputes the other stage inputs from the
     previous stage's as the forward computed them (the running statistics do not move again),
     then runs each stage's backward op from the last to the first. `tensors` are
-    CHAIN_STAGE_TENSORS for every stage in turn."""
+    CHAIN_STAGE_TENSORS for every stage in turn. Given `recompute_input` (a callable that returns
+    the input again, bit for bit), the chain keeps no reference to its input and calls that in
+    backward instead."""
 
     @staticmethod
-    def forward(ctx, stages: tuple, input, *tensors):
+    def forward(ctx, stages: tuple, recompute_input, input, *tensors):
         per_stage = len(CHAIN_STAGE_TENSORS)
         x = input
-        kept, weights, stats = [input], [], []
+        kept, weights, stats = [input if recompute_input is None else None], [], []
         for index, stage in enumerate(stages):
             w, bn_w, bn_b, rm, rv, nbt = tensors[index * per_stage : (index + 1) * per_stage]
             if index > 0:
@@ -663,6 +671,7 @@ class BnActChain(torch.autograd.Function):
             weights += (w, bn_w, bn_b)
             stats.append(stage_stats)
         ctx.stages = stages
+        ctx.recompute_input = recompute_input
         ctx.save_for_backward(*kept, *weights, *stats)
         return x
 
@@ -674,6 +683,8 @@ class BnActChain(torch.autograd.Function):
         inputs = list(saved[:count])
         weights = saved[count : 4 * count]
         stats = saved[4 * count :]
+        if inputs[0] is None:
+            inputs[0] = ctx.recompute_input()
         for index in range(1, count):
             if inputs[index] is None:  # recompute it, as the forward computed it
                 call = stages[index - 1].call
@@ -693,9 +704,11 @@ class BnActChain(torch.autograd.Function):
         grads = [None] * (len(needs))
         grad = grad_output
         for index in reversed(range(count)):
-            first = 2 + index * per_stage  # this stage's weight in the Function's inputs
-            earlier = needs[1] or any(
-                any(needs[2 + k * per_stage : 5 + k * per_stage]) for k in range(index)
+            # This stage's weight in the Function's inputs.
+            first = _CHAIN_FIRST_TENSOR + index * per_stage
+            earlier = needs[_CHAIN_INPUT] or any(
+                any(needs[start : start + 3])
+                for start in range(_CHAIN_FIRST_TENSOR, first, per_stage)
             )
             mask = [earlier, *needs[first : first + 3]]
             if not any(mask):
@@ -708,5 +721,5 @@ class BnActChain(torch.autograd.Function):
             for offset, (result, wanted) in enumerate(zip(results[1:], mask[1:])):
                 grads[first + offset] = result if wanted else None
             grad = results[0] if earlier else None
-        grads[1] = grad if needs[1] else None
+        grads[_CHAIN_INPUT] = grad if needs[_CHAIN_INPUT] else None
         return tuple(grads)

@@ -1,6 +1,6 @@
 """The public functional ops: validate, apply autocast, choose a backend, call its op."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -226,20 +226,33 @@ def bn_act_chain(
     *,
     recompute: str = "depthwise",
     backend: str | None = None,
+    recompute_input: Callable[[], Tensor] | None = None,
 ) -> Tensor:
     """The stages applied one after another (each as pointwise_bn_act or depthwise_bn_act would
     compute it, running statistics included), as one autograd unit that keeps less for
     backward: the chain input, the weights, each stage's per-channel statistics and, with
     recompute="depthwise" (the default), the outputs of its 1x1 stages that a later stage
     reads; the depthwise stages' outputs (about 3% of a MobileNet's FLOPs) are recomputed in
-    backward. recompute="all" keeps only the chain input and recomputes every stage's output."""
+    backward. recompute="all" keeps only the chain input and recomputes every stage's output.
+
+    recompute_input, when given, is a callable that returns `input` again, bit for bit and
+    without autograd (the output of a run that itself keeps only its own input, say): the chain
+    then keeps no reference to its input and calls it in backward instead."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"bn_act_chain: recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if recompute_input is not None and not callable(recompute_input):
+        raise TypeError(
+            "bn_act_chain: recompute_input must be a callable or None, "
+            f"got {type(recompute_input).__name__}"
+        )
     if len(stages) == 0:
         raise ValueError("bn_act_chain: stages must not be empty")
     casting = torch._C._is_any_autocast_enabled()
     if casting:
+        given = input
         (input,) = _autocast(input)
+        if input is not given:  # the cast is what the chain reads: keep it
+            recompute_input = None
     plan, tensors, like = [], [], input
     dtype, device = input.dtype, input.device
     for index, stage in enumerate(stages):
@@ -312,7 +325,7 @@ def bn_act_chain(
         )
         for index, (stage, planned) in enumerate(zip(stages, plan))
     )
-    return _ops.BnActChain.apply(chain, input, *tensors)
+    return _ops.BnActChain.apply(chain, recompute_input, input, *tensors)
 
 
 def _stage_call(ops, stage: BnActStage, depthwise: bool, geometry: tuple, act: str):

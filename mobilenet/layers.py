@@ -10,7 +10,7 @@ stops being computable by a fused op (a child replaced by something else, a hook
 one), the layer runs its children one after another, as nn.Sequential does.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -250,81 +250,100 @@ def recomputable_run(conv: nn.Module, bn: nn.Module, act: nn.Module | None) -> b
     )
 
 
+def _run_ops(spec, autocast, input, weight, bias, bn_weight, bn_bias, running_mean, running_var):
+    """The run by PyTorch's ops as a recomputation computes it: the batch's statistics in
+    training (running_mean and running_var None), the running ones in eval, never updated, under
+    the forward's autocast state; the same values in the same order as the forward's."""
+    conv_args, training, _, eps, activation = spec
+    device_type, enabled, dtype = autocast
+    with torch.autocast(device_type, dtype, enabled=enabled):
+        y = F.conv2d(input, weight, bias, *conv_args)
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, 0.0, eps)
+        return apply_activation(y, activation)
+
+
 class _RecomputedRun(torch.autograd.Function):
     """conv -> BatchNorm -> activation by PyTorch's ops, keeping only the input (and the
-    parameters) for backward: the backward computes the run again, in training with the batch's
-    statistics and no running ones (those moved once, in the forward), under the forward's
-    autocast state, and differentiates that. For runs no fused op computes: a network's stem
-    (a full convolution) would otherwise keep its convolution and BatchNorm outputs."""
+    parameters) for backward: the backward computes the run again (_run_ops) and differentiates
+    that. For runs no fused op computes: a network's stem (a full convolution) would otherwise
+    keep its convolution and BatchNorm outputs."""
 
     @staticmethod
-    def forward(ctx, spec, input, weight, bias, bn_weight, bn_bias, running_mean, running_var, nbt):
+    def forward(ctx, spec, autocast, input, weight, bias, bn_weight, bn_bias, rm, rv, nbt):
         conv_args, training, momentum, eps, activation = spec
-        device_type = input.device.type
-        ctx.spec = spec
-        ctx.autocast = (
-            device_type,
-            torch.is_autocast_enabled(device_type),
-            torch.get_autocast_dtype(device_type),
-        )
+        ctx.spec, ctx.autocast = spec, autocast
         y = F.conv2d(input, weight, bias, *conv_args)
         out = kernels.reference.bn_act(
-            y,
-            running_mean,
-            running_var,
-            bn_weight,
-            bn_bias,
-            nbt,
-            training,
-            momentum,
-            eps,
-            activation,
+            y, rm, rv, bn_weight, bn_bias, nbt, training, momentum, eps, activation
         )
-        stats = (None, None) if training else (running_mean, running_var)
+        stats = (None, None) if training else (rm, rv)
         ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, *stats)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
-        conv_args, training, _, eps, activation = ctx.spec
-        device_type, autocast, autocast_dtype = ctx.autocast
-        needs = ctx.needs_input_grad[1:6]
+        needs = ctx.needs_input_grad[2:7]
         leaves = [
             None if t is None else t.detach().requires_grad_(need)
             for t, need in zip((input, weight, bias, bn_weight, bn_bias), needs)
         ]
-        with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast):
-            y = F.conv2d(leaves[0], leaves[1], leaves[2], *conv_args)
-            y = F.batch_norm(y, running_mean, running_var, leaves[3], leaves[4], training, 0.0, eps)
-            out = apply_activation(y, activation)
+        with torch.enable_grad():
+            out = _run_ops(ctx.spec, ctx.autocast, *leaves, running_mean, running_var)
         wanted = [t for t, need in zip(leaves, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad_output))
-        return (None, *(next(grads) if need else None for need in needs), None, None, None)
+        return (None, None, *(next(grads) if need else None for need in needs), None, None, None)
 
 
-def run_recomputed(input: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module) -> Tensor:
+class _RunAgain:
+    """Computes a recomputed run's output again without autograd (_run_ops), for a chain that
+    takes the run's output as its input and so need not keep it. Refuses, as autograd would,
+    when a tensor it reads was modified in place since the forward."""
+
+    def __init__(self, spec, autocast, tensors):
+        self.spec, self.autocast, self.tensors = spec, autocast, tensors
+        self.versions = [None if t is None else t._version for t in tensors]
+
+    def __call__(self) -> Tensor:
+        for t, version in zip(self.tensors, self.versions):
+            if t is not None and t._version != version:
+                raise RuntimeError(
+                    "run_recomputed: a tensor of the run (its input, a parameter or a running "
+                    "statistic) was modified in place between the forward and the backward"
+                )
+        with torch.no_grad():
+            return _run_ops(self.spec, self.autocast, *self.tensors)
+
+
+def run_recomputed(
+    input: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module
+) -> tuple[Tensor, _RunAgain]:
     """act(bn(conv(input))) of a recomputable run (see recomputable_run), as the modules compute
-    it, keeping only the input for backward (_RecomputedRun)."""
+    it, keeping only the input for backward (_RecomputedRun); with a callable that computes the
+    output again, bit for bit, for a chain that reads it (kernels.bn_act_chain's
+    recompute_input)."""
     args = batch_norm_arguments(bn)
+    training = args["training"]
     spec = (
         (conv.stride, conv.padding, conv.dilation, conv.groups),
-        args["training"],
+        training,
         args["momentum"],
         args["eps"],
         activation_op(act),
     )
-    return _RecomputedRun.apply(
-        spec,
-        input,
-        conv.weight,
-        conv.bias,
-        args["bn_weight"],
-        args["bn_bias"],
-        args["running_mean"],
-        args["running_var"],
-        args["num_batches_tracked"],
+    device_type = input.device.type
+    autocast = (
+        device_type,
+        torch.is_autocast_enabled(device_type),
+        torch.get_autocast_dtype(device_type),
     )
+    tensors = (input, conv.weight, conv.bias, args["bn_weight"], args["bn_bias"])
+    stats = (args["running_mean"], args["running_var"])
+    out = _RecomputedRun.apply(spec, autocast, *tensors, *stats, args["num_batches_tracked"])
+    # In training the recomputation normalises by the batch's statistics: the running ones, just
+    # updated, are not read.
+    again = _RunAgain(spec, autocast, (*tensors, *((None, None) if training else stats)))
+    return out, again
 
 
 def check_recompute(recompute, owner: str) -> str | None:
@@ -379,11 +398,17 @@ class FusedRuns:
     sync_bn: bool
     recompute: str | None = "depthwise"
 
-    def forward_runs(self, names: Sequence[str], input: Tensor) -> Tensor:
+    def forward_runs(
+        self,
+        names: Sequence[str],
+        input: Tensor,
+        recompute_input: Callable[[], Tensor] | None = None,
+    ) -> Tensor:
         """Calls the children `names` one after another, each on the output of the one before,
         computing each planned run by a fused op while it is still in place and fusable
         (children may have been replaced, or hooks registered, since it was planned), and
-        consecutive runs as one chain."""
+        consecutive runs as one chain. recompute_input (see kernels.bn_act_chain) goes to a
+        chain that starts with the first child, which then does not keep `input`."""
         modules = self._modules
         pending = []  # consecutive runs, (conv, bn[, act]) each, not computed yet
         i = 0
@@ -403,10 +428,10 @@ class FusedRuns:
             if nested is not None:
                 pending += nested
                 continue
-            input = self._compute(pending, input)
-            pending = []
+            input = self._compute(pending, input, recompute_input)
+            pending, recompute_input = [], None
             input = child(input)
-        return self._compute(pending, input)
+        return self._compute(pending, input, recompute_input)
 
     def _chainable_runs(self, child: nn.Module) -> list[tuple] | None:
         """The runs of a child that computes nothing but fusable runs (a FusedSequential of the
@@ -429,9 +454,9 @@ class FusedRuns:
             i += len(run)
         return runs
 
-    def _compute(self, runs: list[tuple], input: Tensor) -> Tensor:
+    def _compute(self, runs: list[tuple], input: Tensor, recompute_input=None) -> Tensor:
         """The runs one after another: as one chain when there are several and every run can
-        join one, else each by its own fused op."""
+        join one (which takes recompute_input), else each by its own fused op."""
         chainable = (
             len(runs) > 1
             and self.recompute is not None
@@ -442,7 +467,13 @@ class FusedRuns:
                 input = run_fused(input, *members, backend=self.backend, sync_bn=self.sync_bn)
             return input
         stages = [fused_stage(*members) for members in runs]
-        return kernels.bn_act_chain(input, stages, recompute=self.recompute, backend=self.backend)
+        return kernels.bn_act_chain(
+            input,
+            stages,
+            recompute=self.recompute,
+            backend=self.backend,
+            recompute_input=recompute_input,
+        )
 
 
 class FusedSequential(FusedRuns, nn.Sequential):
@@ -575,5 +606,6 @@ class DepSepConv(FusedRuns, reference.DepSepConv):
         self.depthwise = ConvBNAct(*self.depthwise, backend=backend, recompute=self.recompute)
         self.pointwise = ConvBNAct(*self.pointwise, backend=backend, recompute=self.recompute)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_runs(("depthwise", "pointwise"), x)
+    def forward(self, x: Tensor, recompute_input: Callable[[], Tensor] | None = None) -> Tensor:
+        """recompute_input: see kernels.bn_act_chain (used by the chain of the two halves)."""
+        return self.forward_runs(("depthwise", "pointwise"), x, recompute_input)

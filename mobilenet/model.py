@@ -17,9 +17,11 @@ class MobileNet(reference.MobileNet):
     module tree and state_dict keys are the reference's and a reference checkpoint loads with
     strict=True. Its 13 blocks run the fused ops (`backend`: their backend, None for auto; each
     block a chain in training, `recompute` as DepSepConv's); the stem (a full 3x3 convolution)
-    and the classifier are plain PyTorch, the stem in training (unless recompute is None)
-    keeping only the image for backward (layers.run_recomputed: its convolution and BatchNorm
-    run again in backward, about 2% of the network's multiply-adds).
+    and the classifier are plain PyTorch. In training (unless recompute is None) the stem keeps
+    only the image for backward (layers.run_recomputed: its convolution and BatchNorm run again
+    in backward, about 2% of the network's multiply-adds), and the first block's chain computes
+    the stem's output again too rather than keep it, so the image is all that autograd keeps of
+    the first two layers.
 
     The modules are created in the reference's order, so under the same seed both models start
     from the same parameters.
@@ -37,14 +39,18 @@ class MobileNet(reference.MobileNet):
         super().__init__(alpha, num_classes, block=block)
         self.recompute = recompute
 
-    def stem(self, x: Tensor) -> Tensor:
-        if (
+    def stem_and_first_block(self, x: Tensor) -> Tensor:
+        if not (
             self.recompute is not None
             and torch.is_grad_enabled()
             and recomputable_run(self.conv1, self.bn1, self.relu)
         ):
-            return run_recomputed(x, self.conv1, self.bn1, self.relu)
-        return super().stem(x)
+            return super().stem_and_first_block(x)
+        y, again = run_recomputed(x, self.conv1, self.bn1, self.relu)
+        if isinstance(self.conv2, DepSepConv) and not torch.compiler.is_compiling():
+            # The first block's chain computes the stem's output again rather than keep it.
+            return self.conv2(y, recompute_input=again)
+        return self.conv2(y)
 
 
 def input_size(resolution_multiplier: float) -> int:

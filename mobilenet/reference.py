@@ -64,9 +64,11 @@ class MobileNet(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
 
+    def stem_and_first_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.stem(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.conv6(self.conv5(self.conv4(self.conv3(self.conv2(x)))))
+        x = self.conv6(self.conv5(self.conv4(self.conv3(self.stem_and_first_block(x)))))
         return self.fc(torch.flatten(self.avg_pool(x), 1))
 
 

@@ -205,6 +205,46 @@ def test_what_a_chain_keeps(backend, recompute, kept):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu")[:1])
+def test_a_chain_given_its_input_recomputation_keeps_no_input(backend):
+    """With recompute_input the chain keeps no activation at all (recompute="all"), calls the
+    callable once in backward, and gives the results of the chain that keeps its input."""
+    kinds = CHAINS["expand-dw-project"]
+    base = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(5))
+    base = base.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def run(given: bool):
+        tensors = _chain_tensors(kinds)
+        tensors[0][0].requires_grad_()
+        x = base * 2  # the chain input: an intermediate, as a stem's output is
+        calls, saved = [], []
+
+        def again():
+            calls.append(1)
+            return x.detach() * 1  # a new tensor of the same values
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = kernels.bn_act_chain(
+                x,
+                _stages(kinds, tensors, True),
+                recompute="all",
+                backend=backend,
+                recompute_input=again if given else None,
+            )
+        activations = [t for t in saved if t.dim() == 4 and t.shape[0] == 2]
+        assert len(activations) == (0 if given else 1)
+        grads = torch.autograd.grad(out.square().sum(), [base, tensors[0][0]])
+        assert len(calls) == (1 if given else 0)
+        return [out, *grads, *(t for stage in tensors for t in stage[1:3])]
+
+    for got, expected in zip(run(True), run(False)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu")[:1])
 def test_gradcheck_float64(backend):
     kinds = [("pointwise", 3, 4), ("depthwise", 4, 4), ("pointwise", 4, 3)]
     tensors = _chain_tensors(kinds, dtype=torch.float64)
@@ -254,3 +294,5 @@ def test_bad_recompute_and_stage_errors_name_the_argument():
         kernels.bn_act_chain(x, [stages[0], stages[1], stages[1]])
     with pytest.raises(ValueError, match="stages"):
         kernels.bn_act_chain(x, [])
+    with pytest.raises(TypeError, match="recompute_input must be a callable"):
+        kernels.bn_act_chain(x, stages, recompute_input=x)

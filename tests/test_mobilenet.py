@@ -386,7 +386,7 @@ class _Stem(nn.Module):
 
 class _RecomputedStem(_Stem):
     def forward(self, x):
-        return mobilenet.layers.run_recomputed(x, self.conv, self.bn, self.act)
+        return mobilenet.layers.run_recomputed(x, self.conv, self.bn, self.act)[0]
 
 
 @pytest.mark.parametrize(
@@ -420,35 +420,82 @@ def test_recomputed_run_keeps_only_its_input():
     assert x.grad is not None and all(p.grad is not None for p in stem.parameters())
 
 
-def test_mobilenet_stem_keeps_only_the_image():
-    """In training the fused MobileNet's stem keeps the image alone: what the whole model saves
-    drops by the stem's convolution output against the same model with a plain stem."""
+def test_run_recomputed_computes_its_output_again_bit_for_bit():
+    """The second result of run_recomputed computes the run's output again, equal to the
+    forward's bit for bit in training (the batch's statistics, the running ones moved once) and
+    in eval, in both layouts and under autocast; it refuses once a parameter changed in place."""
+    torch.manual_seed(0)
+    stem = _Stem(bias=True)
+    for layout in ("nchw", "channels_last"):
+        x = sample((2, 4, 9, 8), layout=layout)
+        for training, dtype in ((True, None), (False, None), (True, torch.bfloat16)):
+            stem.train(training)
+            buffers = [b.clone() for b in stem.bn.buffers()]
+            with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+                out, again = mobilenet.layers.run_recomputed(x, stem.conv, stem.bn, stem.act)
+            moved = [b.clone() for b in stem.bn.buffers()]
+            assert not training or not torch.equal(moved[0], buffers[0])
+            recomputed = again()
+            assert recomputed.dtype == out.dtype and torch.equal(recomputed, out)
+            assert all(torch.equal(a, b) for a, b in zip(stem.bn.buffers(), moved))
+    with torch.no_grad():
+        stem.conv.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        again()
+
+
+def _model_saved_bytes(model, x, stem_plain: bool = False) -> int:
+    """What autograd keeps of a call of `model` (any callable), once per storage."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with contextlib.ExitStack() as stack:
+        if stem_plain:
+            stack.enter_context(
+                unittest.mock.patch.object(mobilenet.model, "recomputable_run", lambda *a: False)
+            )
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        model(x)
+    return sum(storages.values())
+
+
+def test_mobilenet_stem_and_first_block_keep_only_the_image():
+    """In training the fused MobileNet keeps the image alone of its stem and first block: what
+    the whole model saves drops by the stem's convolution output (its BN's input) and by the
+    stem's output (the first block's chain input) against the same model with a plain stem,
+    and the training step is the plain stem's (the chain computes the stem's output again)."""
     torch.manual_seed(0)
     model = mobilenet.MobileNet(0.25, 10, backend="native")
     x = torch.randn(2, 3, 64, 64)
-
-    def saved_bytes(stem_plain: bool) -> int:
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with contextlib.ExitStack() as stack:
-            if stem_plain:
-                stack.enter_context(
-                    unittest.mock.patch.object(
-                        mobilenet.model, "recomputable_run", lambda *a: False
-                    )
-                )
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-            model(x)
-        return sum(storages.values())
-
-    # The plain stem's BN keeps the convolution's output; its in-place ReLU's output is the
-    # first block's input, kept either way.
-    conv_output = 2 * 8 * 32 * 32 * 4
-    assert saved_bytes(True) - saved_bytes(False) >= conv_output
+    conv_output = stem_output = 2 * 8 * 32 * 32 * 4
+    saved = _model_saved_bytes(model, x)
+    assert _model_saved_bytes(model, x, stem_plain=True) - saved >= conv_output + stem_output
+    # All that autograd keeps of the stem and the first block is the image (beside parameters
+    # and per-channel statistics).
+    first = _model_saved_bytes(model.stem_and_first_block, x)
+    assert x.numel() * 4 <= first < x.numel() * 4 + 4096
+    # Two training steps give the plain stem's outputs, gradients and buffers bit for bit.
+    plain = mobilenet.MobileNet(0.25, 10, backend="native")
+    plain.load_state_dict(model.state_dict())
+    x.requires_grad_(True)
+    for step in range(2):
+        results = []
+        for m, stem_plain in ((model, False), (plain, True)):
+            m.zero_grad()
+            x.grad = None
+            with unittest.mock.patch.object(
+                mobilenet.model,
+                "recomputable_run",
+                (lambda *a: False) if stem_plain else (mobilenet.layers.recomputable_run),
+            ):
+                out = m(x)
+            out.square().sum().backward()
+            results.append([out, x.grad, *(p.grad for p in m.parameters()), *m.buffers()])
+        for got, expected in zip(*results):
+            assert torch.equal(got, expected), f"step {step}"
 
 
 def test_mobilenet_same_init_as_reference():
