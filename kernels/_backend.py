@@ -13,9 +13,8 @@ BACKENDS = ("torch", "native", "triton")
 # fused forward+backward 0.38-0.61x), so "torch" comes first. GPU order is unmeasured so far:
 # the compiled kernels first.
 _AUTO_ORDER = {"cpu": ("torch", "native"), "cuda": ("native", "triton", "torch")}
-# The fused conv+BN+act ops in eval fold BN into the convolution, and there the native CPU ops
-# beat eager conv + BatchNorm2d + ReLU (same results: 1.19x depthwise, 1.43x pointwise; MobileNet
-# V1 inference 1.06x at batch 2, 1.14-1.24x at batch 8).
+# In eval the native CPU fused ops (the convolution, then one BN + activation pass) beat eager
+# conv + BatchNorm2d + ReLU (bench, 2026-12-02: 1.22x depthwise, 1.42x pointwise).
 _AUTO_ORDER_FUSED_EVAL = {**_AUTO_ORDER, "cpu": ("native", "torch")}
 ENV_VAR = "DEPSEP_BACKEND"
 # Read once, like Triton itself, which only honours it when set before its import.
