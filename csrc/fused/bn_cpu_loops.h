@@ -52,8 +52,11 @@ void sweep_plane_runs(const BnCpuPass<T>& a, int64_t c, int64_t begin, int64_t e
 // A sum over vectors and single lanes (NCHW runs): lanes added in index order at the end.
 template <typename T>
 struct RunSum {
-  typename Lanes<T>::V v = Lanes<T>::zero();
-  T s = T(0);
+  // Members set by the constructor, not by default initialisers: GCC 12 at -O0 (make coverage)
+  // stops with an internal error on a vector-typed default initialiser under #pragma GCC target.
+  RunSum() : v(Lanes<T>::zero()), s(T(0)) {}
+  typename Lanes<T>::V v;
+  T s;
   void add(typename Lanes<T>::V x) { v += x; }
   void add(T x) { s += x; }
   T total() const { return Lanes<T>::sum(v) + s; }
