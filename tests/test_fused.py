@@ -204,6 +204,31 @@ def test_native_cpu_float32(case, training):
     assert_matches_reference(case, "native", "cpu", torch.float32, training, "relu")
 
 
+def _aten_ops_of(fn, *args, **kwargs) -> set[str]:
+    """The names of the ops that fn(*args, **kwargs) dispatches, nested ones included."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args, **kwargs)
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch with oneDNN")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_native_cpu_large_pointwise_takes_onednn(training):
+    """A float32 channels_last 1x1 of 2^24 multiply-adds and at most 256 input channels runs
+    ATen's (oneDNN's) convolution, forward and backward, with the reference's results; one of
+    2^22 runs the direct BLAS GEMMs."""
+    large = FusedCase("pointwise", 1, 64, 64, 64, 64, "channels_last")
+    assert_matches_reference(large, "native", "cpu", torch.float32, training, "relu")
+    for case, onednn in (
+        (large, True),
+        (FusedCase("pointwise", 1, 64, 64, 32, 32, "channels_last"), False),
+    ):
+        tensors = case.make()
+        ops = _aten_ops_of(run_steps, case, "native", tensors, training, steps=1)
+        assert ("aten::mkldnn_convolution" in ops) == onednn, case
+        assert ("aten::convolution_backward" in ops) == onednn, case
+
+
 @pytest.mark.parametrize("conv", ["pointwise", "depthwise"])
 @pytest.mark.parametrize(
     "training, activation, affine, dtype",

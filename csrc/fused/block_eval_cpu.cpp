@@ -2,9 +2,10 @@
 // pass over tiles of output rows. Each task computes a tile of the depthwise output (BN folded
 // into the weight and bias, then the activation) into a buffer that stays in cache, and the
 // tile's 1x1 product (BN folded likewise; the BLAS GEMM of cpu_gemm.h) straight into the block
-// output. Memory traffic: one
-// read of the input (and of each tile's halo rows), one write of the output; the depthwise
-// output never goes to memory, where the separate ops write it and read it back.
+// output. Memory traffic: one read of the input (and of each tile's halo rows), one write of
+// the output; the depthwise output never goes to memory, where the separate ops write it and
+// read it back. Where the tiles would not pay (a small depthwise output beside the 1x1 weight,
+// or a 1x1 that oneDNN computes faster than the BLAS GEMM) the block runs as the two fused ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,8 +14,12 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_launcher.h"
 #include "depthwise/depthwise_cpu.h"
+#include "fused/bn_act_ops.h"
+#include "fused/bn_cpu_launcher.h"
+#include "fused/bn_cpu_loops_entry.h"
 #include "fused/bn_passes.h"
 #include "fused/cpu_gemm.h"
 
@@ -71,20 +76,38 @@ at::Tensor folded_rows(const at::Tensor& pw_weight, const T* scale) {
   return out;
 }
 
+// act(y + shift) in place over `pixels` rows of `channels` values, in the calling task: the
+// vectorised apply pass of the BN CPU loops with a unit scale (`ones`).
 template <typename T>
-void activate(T* data, int64_t count, const T* shift, int64_t channels, int32_t act) {
-  for (int64_t i = 0; i < count; i += channels)
-    for (int64_t c = 0; c < channels; ++c) {
-      const T z = shift ? data[i + c] + shift[c] : data[i + c];
-      data[i + c] = bn_activate<T>(z, act);
-    }
+void activate(T* data, int64_t pixels, const T* ones, const T* shift, int64_t channels,
+              int32_t act) {
+  BnCpuPass<T> p{};
+  p.N = 1;
+  p.C = channels;
+  p.S = pixels;
+  p.chunk_positions = pixels;
+  p.channels_last = true;
+  p.y = data;
+  p.scale = ones;
+  p.shift = shift;
+  p.act = act;
+  if (cpu_loops_use_avx2())
+    cpu_avx2::bn_apply(p, 0, 1);
+  else
+    cpu_base::bn_apply(p, 0, 1);
 }
 
-// The tiled pass pays where the depthwise output is large beside the 1x1 weight that every
-// tile reads again (measured on the MobileNet V1 blocks at batch 8: 1.01-1.42x over the two
-// fused ops where the output holds 25-1600x the weight's bytes, 0.77-0.95x at 0.4-3x); below
-// this ratio the block runs as two whole passes (the depthwise rows in parallel, then one GEMM).
+// The tiles pay where the depthwise output is large beside the 1x1 weight that every tile reads
+// again (measured on the MobileNet V1 blocks at batch 8: 1.01-1.42x over the two fused ops where
+// the output holds 25-1600x the weight's bytes, 0.77-0.95x at 0.4-3x), and where oneDNN's 1x1
+// convolution does not beat the tiles' BLAS GEMMs (cpu_gemm.h onednn_pays); elsewhere the block
+// runs as the two fused ops (the same code, so the same results).
 constexpr int64_t kTiledMinRatio = 16;
+
+bool tiles_pay(const DwGeometry& g, int64_t C_out, at::ScalarType type) {
+  const int64_t pixels = g.N * g.OH * g.OW;
+  return pixels * g.C >= kTiledMinRatio * C_out * g.C && !onednn_pays(type, pixels, g.C, C_out);
+}
 
 template <typename T>
 struct BlockPass {
@@ -93,6 +116,7 @@ struct BlockPass {
   const T* taps;
   const T* dw_bias;
   int32_t dw_act;
+  const T* ones;              // [max(C, C_out)]: the unit scale of activate
   const at::Tensor& pw_rows;  // [C_out, C]: the folded 1x1 weight
   const T* pw_bias;
   int32_t pw_act;
@@ -109,15 +133,15 @@ struct BlockPass {
   }
 
   void depthwise(int64_t first, int64_t count, T* dw_rows, void* scratch) const {
-    forward_rows_loops<T>(g, x, taps, dw_bias, dw_rows, first, first + count, scratch);
-    activate<T>(dw_rows, count * row(), nullptr, g.C, dw_act);
+    forward_rows_loops<T>(g, x, taps, nullptr, dw_rows, first, first + count, scratch);
+    activate<T>(dw_rows, count * g.OW, ones, dw_bias, g.C, dw_act);
   }
 
   void pointwise(int64_t first, int64_t count, T* dw_rows) const {
     const int64_t C_out = pw_rows.size(0), pixels = count * g.OW;
     T* y = out + first * g.OW * C_out;
     rows_times_weight<T>(dw_rows, pw_rows.const_data_ptr<T>(), y, pixels, g.C, C_out, options);
-    activate<T>(y, pixels * C_out, pw_bias, C_out, pw_act);
+    activate<T>(y, pixels, ones, pw_bias, C_out, pw_act);
   }
 };
 
@@ -125,26 +149,19 @@ template <typename T>
 void block_pass(const DwGeometry& g, const at::Tensor& input, const at::Tensor& dw_taps,
                 const T* dw_shift, int32_t dw_act, const at::Tensor& pw_rows, const T* pw_shift,
                 int32_t pw_act, at::Tensor& output) {
+  const int64_t rows = g.N * g.OH, C_out = pw_rows.size(0);
+  const at::Tensor ones = at::ones({std::max(g.C, C_out)}, input.options());
   const BlockPass<T> pass{g,
                           input.const_data_ptr<T>(),
                           dw_taps.const_data_ptr<T>(),
                           dw_shift,
                           dw_act,
+                          ones.const_data_ptr<T>(),
                           pw_rows,
                           pw_shift,
                           pw_act,
                           output.mutable_data_ptr<T>(),
                           input.options().memory_format(at::MemoryFormat::Contiguous)};
-  const int64_t rows = g.N * g.OH;
-  if (rows * pass.row() < kTiledMinRatio * pw_rows.numel()) {
-    at::Tensor dw_out = at::empty({rows * pass.row()}, pass.options);
-    T* dw = dw_out.mutable_data_ptr<T>();
-    cpu_parallel(rows, g, [&](int64_t begin, int64_t end, void* scratch) {
-      pass.depthwise(begin, end - begin, dw + begin * pass.row(), scratch);
-    });
-    pass.pointwise(0, rows, dw);
-    return;
-  }
   const int64_t tile_pixels = std::max<int64_t>(kTilePixels, kTileBytes / (g.C * sizeof(T)));
   const int64_t rows_per_tile = std::max<int64_t>(1, tile_pixels / g.OW);
   const int64_t tiles = (rows + rows_per_tile - 1) / rows_per_tile;
@@ -196,16 +213,27 @@ at::Tensor depthwise_pointwise_eval_cpu(
                                            dw_running_var, dw_eps, dw_names);
   const BnVectors pw_bn = eval_scale_shift(C_out, input, pw_bn_weight, pw_bn_bias, pw_running_mean,
                                            pw_running_var, pw_eps, pw_names);
+  if (g.N * g.OH * g.OW == 0)
+    return at::empty({g.N, C_out, g.OH, g.OW}, input.options().memory_format(format));
+  if (!tiles_pay(g, C_out, input.scalar_type())) {
+    using Launcher = BnCpuLauncher;
+    const at::Tensor dw_out =
+        std::get<0>(depthwise_bn_act_fwd<Launcher, DepthwiseConv<CpuLoopsCompute>>(
+            input, dw_weight, stride, padding, dilation, dw_bn_weight, dw_bn_bias, dw_running_mean,
+            dw_running_var, std::nullopt, false, std::nullopt, dw_eps, dw_activation));
+    return std::get<0>(pointwise_bn_act_fwd<Launcher, PointwiseCpuConv>(
+        dw_out, pw_weight, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, std::nullopt,
+        false, std::nullopt, pw_eps, pw_activation));
+  }
   at::Tensor output = at::empty({g.N, C_out, g.OH, g.OW},
                                 input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (output.numel() > 0)
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_pointwise_eval_cpu", [&] {
-      block_pass<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast),
-                           folded_taps<scalar_t>(dw_weight, dw_bn.scale<scalar_t>()),
-                           dw_bn.shift<scalar_t>(), dw_act,
-                           folded_rows<scalar_t>(pw_weight, pw_bn.scale<scalar_t>()),
-                           pw_bn.shift<scalar_t>(), pw_act, output);
-    });
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_pointwise_eval_cpu", [&] {
+    block_pass<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast),
+                         folded_taps<scalar_t>(dw_weight, dw_bn.scale<scalar_t>()),
+                         dw_bn.shift<scalar_t>(), dw_act,
+                         folded_rows<scalar_t>(pw_weight, pw_bn.scale<scalar_t>()),
+                         pw_bn.shift<scalar_t>(), pw_act, output);
+  });
   return output.contiguous(format);
 }
 
