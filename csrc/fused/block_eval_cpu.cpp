@@ -81,13 +81,7 @@ at::Tensor folded_rows(const at::Tensor& pw_weight, const T* scale) {
 template <typename T>
 void activate(T* data, int64_t pixels, const T* ones, const T* shift, int64_t channels,
               int32_t act) {
-  BnCpuPass<T> p{};
-  p.N = 1;
-  p.C = channels;
-  p.S = pixels;
-  p.chunk_positions = pixels;
-  p.channels_last = true;
-  p.y = data;
+  BnCpuPass<T> p = bn_cpu::pass_of<T, true>(1, channels, pixels, pixels, data);
   p.scale = ones;
   p.shift = shift;
   p.act = act;
