@@ -81,21 +81,31 @@ def _check_name(name, source: str) -> None:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
 
 
+def _fastest(device_type: str, fused_eval: bool) -> str:
+    order = (_AUTO_ORDER_FUSED_EVAL if fused_eval else _AUTO_ORDER).get(device_type, ("torch",))
+    reasons = _reasons(device_type)
+    return next(name for name in order if reasons[name] is None)
+
+
+# The auto choice by (device type, fused_eval), which depends on the build only: computed at
+# import, as _REASONS is (a model's every layer asks for it on every call).
+_FASTEST = {(t, f): _fastest(t, f) for t in ("cpu", "cuda") for f in (False, True)}
+
+
 def select_backend(backend: str | None, device: torch.device, fused_eval: bool = False) -> str:
     """The backend to run on `device`: `backend` if given (an error naming what is missing when
     it cannot run there), else $DEPSEP_BACKEND if set, else the fastest available for the
     device (see _AUTO_ORDER; `fused_eval`: a fused conv+BN+act op in eval mode)."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
-        if backend is not None:
-            _check_name(backend, f"${ENV_VAR}")
+        if backend is None:
+            device_type = device.type
+            fastest = _FASTEST.get((device_type, fused_eval))
+            return fastest if fastest is not None else _fastest(device_type, fused_eval)
+        _check_name(backend, f"${ENV_VAR}")
     else:
         _check_name(backend, "backend")
-    reasons = _reasons(device.type)
-    if backend is None:
-        order = (_AUTO_ORDER_FUSED_EVAL if fused_eval else _AUTO_ORDER).get(device.type, ("torch",))
-        return next(name for name in order if reasons[name] is None)
-    reason = reasons.get(backend)
+    reason = _reasons(device.type).get(backend)
     if reason is not None:
         raise RuntimeError(f"depsep: backend {backend!r} cannot run on {device}: {reason}")
     return backend
