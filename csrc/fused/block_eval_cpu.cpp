@@ -1,11 +1,12 @@
 // CPU kernel of depsep::depthwise_pointwise_eval: the depthwise-separable block in eval as one
-// pass over tiles of output rows. Each task computes a tile of the depthwise output (BN folded
-// into the weight and bias, then the activation) into a buffer that stays in cache, and the
-// tile's 1x1 product (BN folded likewise; the BLAS GEMM of cpu_gemm.h) straight into the block
-// output. Memory traffic: one read of the input (and of each tile's halo rows), one write of
-// the output; the depthwise output never goes to memory, where the separate ops write it and
-// read it back. Where the tiles would not pay (a small depthwise output beside the 1x1 weight,
-// or a 1x1 that oneDNN computes faster than the BLAS GEMM) the block runs as the two fused ops.
+// pass over tiles of output rows. Each task computes a tile of the depthwise output (then BN and
+// the activation, as the fused depthwise op applies them) into a buffer that stays in cache, and
+// the tile's 1x1 product (the BLAS GEMM of cpu_gemm.h, then BN and the activation likewise)
+// straight into the block output. Memory traffic: one read of the input (and of each tile's halo
+// rows), one write of the output; the depthwise output never goes to memory, where the separate ops
+// write it and read it back. Where the tiles would not pay (a small depthwise output beside the 1x1
+// weight, or a 1x1 that oneDNN computes faster than the BLAS GEMM) the block runs as the two fused
+// ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -49,40 +50,27 @@ BnVectors eval_scale_shift(int64_t C, const at::Tensor& like,
   return bn;
 }
 
-// The depthwise weight [C, 1, kH, kW] with BN's scale folded in, tap-major [kH*kW][C] as the
-// CPU loops read it; and the 1x1 weight [C_out, C] with its BN's scale folded into each row.
-// Plain loops: the ATen ops that would do it cost the host more than these few values.
+// The depthwise weight [C, 1, kH, kW] tap-major, [kH*kW][C], as the CPU loops read it. A plain
+// loop: the ATen ops that would do it cost the host more than these few values.
 template <typename T>
-at::Tensor folded_taps(const at::Tensor& dw_weight, const T* scale) {
+at::Tensor tap_major(const at::Tensor& dw_weight) {
   const int64_t C = dw_weight.size(0), taps = dw_weight.size(2) * dw_weight.size(3);
   const at::Tensor w = dw_weight.contiguous();
   at::Tensor out = at::empty({taps, C}, w.options());
   const T* src = w.const_data_ptr<T>();
   T* dst = out.mutable_data_ptr<T>();
   for (int64_t c = 0; c < C; ++c)
-    for (int64_t t = 0; t < taps; ++t) dst[t * C + c] = src[c * taps + t] * scale[c];
+    for (int64_t t = 0; t < taps; ++t) dst[t * C + c] = src[c * taps + t];
   return out;
 }
 
+// act(scale * y + shift) in place over `pixels` rows of `channels` values, in the calling task:
+// the BN CPU loops' apply pass, as the fused ops run it.
 template <typename T>
-at::Tensor folded_rows(const at::Tensor& pw_weight, const T* scale) {
-  const int64_t C_out = pw_weight.size(0), C = pw_weight.size(1);
-  const at::Tensor w = pw_weight.contiguous();
-  at::Tensor out = at::empty({C_out, C}, w.options());
-  const T* src = w.const_data_ptr<T>();
-  T* dst = out.mutable_data_ptr<T>();
-  for (int64_t o = 0; o < C_out; ++o)
-    for (int64_t c = 0; c < C; ++c) dst[o * C + c] = src[o * C + c] * scale[o];
-  return out;
-}
-
-// act(y + shift) in place over `pixels` rows of `channels` values, in the calling task: the
-// vectorised apply pass of the BN CPU loops with a unit scale (`ones`).
-template <typename T>
-void activate(T* data, int64_t pixels, const T* ones, const T* shift, int64_t channels,
-              int32_t act) {
+void bn_act_rows(T* data, int64_t pixels, const T* scale, const T* shift, int64_t channels,
+                 int32_t act) {
   BnCpuPass<T> p = bn_cpu::pass_of<T, true>(1, channels, pixels, pixels, data);
-  p.scale = ones;
+  p.scale = scale;
   p.shift = shift;
   p.act = act;
   if (cpu_loops_use_avx2())
@@ -99,20 +87,23 @@ void activate(T* data, int64_t pixels, const T* ones, const T* shift, int64_t ch
 constexpr int64_t kTiledMinRatio = 16;
 
 bool tiles_pay(const DwGeometry& g, int64_t C_out, at::ScalarType type) {
+  // Output pixels x C values against the weight's C_out x C.
   const int64_t pixels = g.N * g.OH * g.OW;
-  return pixels * g.C >= kTiledMinRatio * C_out * g.C && !onednn_pays(type, pixels, g.C, C_out);
+  return pixels >= kTiledMinRatio * C_out && !onednn_pays(type, pixels, g.C, C_out);
 }
 
 template <typename T>
 struct BlockPass {
   const DwGeometry& g;
   const T* x;
-  const T* taps;
-  const T* dw_bias;
+  const T* taps;  // [kH*kW][C]
+  const T* dw_scale;
+  const T* dw_shift;
   int32_t dw_act;
-  const T* ones;              // [max(C, C_out)]: the unit scale of activate
-  const at::Tensor& pw_rows;  // [C_out, C]: the folded 1x1 weight
-  const T* pw_bias;
+  const T* pw_weight;  // [C_out, C] row-major
+  int64_t C_out;
+  const T* pw_scale;
+  const T* pw_shift;
   int32_t pw_act;
   T* out;
   at::TensorOptions options;
@@ -128,31 +119,33 @@ struct BlockPass {
 
   void depthwise(int64_t first, int64_t count, T* dw_rows, void* scratch) const {
     forward_rows_loops<T>(g, x, taps, nullptr, dw_rows, first, first + count, scratch);
-    activate<T>(dw_rows, count * g.OW, ones, dw_bias, g.C, dw_act);
+    bn_act_rows<T>(dw_rows, count * g.OW, dw_scale, dw_shift, g.C, dw_act);
   }
 
   void pointwise(int64_t first, int64_t count, T* dw_rows) const {
-    const int64_t C_out = pw_rows.size(0), pixels = count * g.OW;
+    const int64_t pixels = count * g.OW;
     T* y = out + first * g.OW * C_out;
-    rows_times_weight<T>(dw_rows, pw_rows.const_data_ptr<T>(), y, pixels, g.C, C_out, options);
-    activate<T>(y, pixels, ones, pw_bias, C_out, pw_act);
+    rows_times_weight<T>(dw_rows, pw_weight, y, pixels, g.C, C_out, options);
+    bn_act_rows<T>(y, pixels, pw_scale, pw_shift, C_out, pw_act);
   }
 };
 
 template <typename T>
-void block_pass(const DwGeometry& g, const at::Tensor& input, const at::Tensor& dw_taps,
-                const T* dw_shift, int32_t dw_act, const at::Tensor& pw_rows, const T* pw_shift,
-                int32_t pw_act, at::Tensor& output) {
-  const int64_t rows = g.N * g.OH, C_out = pw_rows.size(0);
-  const at::Tensor ones = at::ones({std::max(g.C, C_out)}, input.options());
+void block_pass(const DwGeometry& g, const at::Tensor& input, const at::Tensor& dw_weight,
+                const BnVectors& dw_bn, int32_t dw_act, const at::Tensor& pw_weight,
+                const BnVectors& pw_bn, int32_t pw_act, const at::Tensor& output) {
+  const at::Tensor taps = tap_major<T>(dw_weight), pw = pw_weight.contiguous();
+  const int64_t rows = g.N * g.OH;
   const BlockPass<T> pass{g,
                           input.const_data_ptr<T>(),
-                          dw_taps.const_data_ptr<T>(),
-                          dw_shift,
+                          taps.const_data_ptr<T>(),
+                          dw_bn.scale<T>(),
+                          dw_bn.shift<T>(),
                           dw_act,
-                          ones.const_data_ptr<T>(),
-                          pw_rows,
-                          pw_shift,
+                          pw.const_data_ptr<T>(),
+                          pw.size(0),
+                          pw_bn.scale<T>(),
+                          pw_bn.shift<T>(),
                           pw_act,
                           output.mutable_data_ptr<T>(),
                           input.options().memory_format(at::MemoryFormat::Contiguous)};
@@ -222,11 +215,8 @@ at::Tensor depthwise_pointwise_eval_cpu(
   at::Tensor output = at::empty({g.N, C_out, g.OH, g.OW},
                                 input.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_pointwise_eval_cpu", [&] {
-    block_pass<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast),
-                         folded_taps<scalar_t>(dw_weight, dw_bn.scale<scalar_t>()),
-                         dw_bn.shift<scalar_t>(), dw_act,
-                         folded_rows<scalar_t>(pw_weight, pw_bn.scale<scalar_t>()),
-                         pw_bn.shift<scalar_t>(), pw_act, output);
+    block_pass<scalar_t>(g, input.contiguous(at::MemoryFormat::ChannelsLast), dw_weight, dw_bn,
+                         dw_act, pw_weight, pw_bn, pw_act, output);
   });
   return output.contiguous(format);
 }
