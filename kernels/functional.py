@@ -53,6 +53,15 @@ def depthwise_conv2d(
     )
 
 
+def _fused_call(ops, depthwise: bool, geometry: tuple, training, momentum, eps, act: str):
+    """The BnActCall of a checked fused op: the depthwise or the 1x1 pair of `ops`."""
+    if depthwise:
+        fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
+    else:
+        fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
+    return _ops.BnActCall(fwd, bwd, geometry, training, momentum, float(eps), act)
+
+
 def _bn_act(
     op: str,
     input: Tensor,
@@ -93,12 +102,7 @@ def _bn_act(
             eps,
             act,
         )
-    ops = _ops.OPS[chosen]
-    if geometry:
-        fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
-    else:
-        fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
-    call = _ops.BnActCall(fwd, bwd, geometry, training, momentum, float(eps), act)
+    call = _fused_call(_ops.OPS[chosen], bool(geometry), geometry, training, momentum, eps, act)
     tensors = (input, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked)
     if not torch.is_grad_enabled():  # nothing to record: the op alone, without a Function
         return _ops.bn_act_forward(call, *tensors)[0]
@@ -330,11 +334,7 @@ def bn_act_chain(
 
 def _stage_call(ops, stage: BnActStage, depthwise: bool, geometry: tuple, act: str):
     """The BnActCall of a checked chain stage."""
-    if depthwise:
-        fwd, bwd = ops.depthwise_bn_act_fwd, ops.depthwise_bn_act_bwd
-    else:
-        fwd, bwd = ops.pointwise_bn_act_fwd, ops.pointwise_bn_act_bwd
-    return _ops.BnActCall(fwd, bwd, geometry, stage.training, stage.momentum, float(stage.eps), act)
+    return _fused_call(ops, depthwise, geometry, stage.training, stage.momentum, stage.eps, act)
 
 
 def _bn_act_chain_no_grad(ops, input, tensors, stages, plan, training) -> Tensor:
